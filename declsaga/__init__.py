@@ -1,0 +1,76 @@
+"""declsaga: declarative SAGAs with goes' exact rollback semantics.
+
+Everything public is re-exported here; the modules behind it are private.
+"""
+
+from ._components import AggregateRepository as AggregateRepository
+from ._components import Command as Command
+from ._components import CommandBus as CommandBus
+from ._components import Event as Event
+from ._components import EventBus as EventBus
+from ._components import InMemoryCommandBus as InMemoryCommandBus
+from ._components import InMemoryEventBus as InMemoryEventBus
+from ._components import InMemoryRepository as InMemoryRepository
+from ._context import Context as Context
+from ._dsl import Saga as Saga
+from ._dsl import action as action
+from ._dsl import compensates as compensates
+from ._dsl import step as step
+from ._errors import ActionNotFound as ActionNotFound
+from ._errors import AggregateNotFound as AggregateNotFound
+from ._errors import CompensationFailed as CompensationFailed
+from ._errors import CompensationTimeout as CompensationTimeout
+from ._errors import DefinitionError as DefinitionError
+from ._errors import EmptyActionName as EmptyActionName
+from ._errors import HandlerNotFound as HandlerNotFound
+from ._errors import InvalidSetup as InvalidSetup
+from ._errors import MissingBus as MissingBus
+from ._errors import MissingRepository as MissingRepository
+from ._errors import SagaError as SagaError
+from ._errors import UsageError as UsageError
+from ._executor import DEFAULT_COMPENSATE_TIMEOUT as DEFAULT_COMPENSATE_TIMEOUT
+from ._executor import Executor as Executor
+from ._executor import execute as execute
+from ._report import ActionRun as ActionRun
+from ._report import Report as Report
+from ._setup import Action as Action
+from ._setup import Setup as Setup
+from ._setup import new as new
+from ._setup import validate as validate
+
+__all__ = [
+    "DEFAULT_COMPENSATE_TIMEOUT",
+    "Action",
+    "ActionNotFound",
+    "ActionRun",
+    "AggregateNotFound",
+    "AggregateRepository",
+    "Command",
+    "CommandBus",
+    "CompensationFailed",
+    "CompensationTimeout",
+    "Context",
+    "DefinitionError",
+    "EmptyActionName",
+    "Event",
+    "EventBus",
+    "Executor",
+    "HandlerNotFound",
+    "InMemoryCommandBus",
+    "InMemoryEventBus",
+    "InMemoryRepository",
+    "InvalidSetup",
+    "MissingBus",
+    "MissingRepository",
+    "Report",
+    "Saga",
+    "SagaError",
+    "Setup",
+    "UsageError",
+    "action",
+    "compensates",
+    "execute",
+    "new",
+    "step",
+    "validate",
+]

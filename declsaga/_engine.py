@@ -1,0 +1,201 @@
+"""The engine: goes' rollback rules as a pure function of a journal and a setup.
+
+No I/O, no asyncio, no clock. Drivers append records with `apply` and ask `next()` what
+happens next; recovering a saga is replaying its journal through `apply`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._errors import ActionNotFound, CompensationFailed
+from ._journal import (
+    Record,
+    Role,
+    RollbackStarted,
+    RunFailed,
+    RunStarted,
+    RunSucceeded,
+    SagaEnded,
+    SagaStarted,
+    Status,
+)
+from ._setup import Action, Setup
+
+__all__ = ["Compensate", "Decision", "Engine", "Finish", "RunStep", "StartRollback"]
+
+
+class RunStep(NamedTuple):
+    """Run the next name of the sequence (`run` set: execute that started run again)."""
+
+    action: Action
+    run: int | None
+
+
+class StartRollback(NamedTuple):
+    """A step failed (or did not resolve): record the rollback's start."""
+
+    error: BaseException
+
+
+class Compensate(NamedTuple):
+    """Undo the succeeded run `target` (of action `target_action`) with `action`."""
+
+    action: Action
+    target: int
+    target_action: str
+    run: int | None
+
+
+class Finish(NamedTuple):
+    """The saga is over: record its end; `error` is what the execution raises."""
+
+    status: Status
+    error: BaseException | None
+
+
+Decision = RunStep | StartRollback | Compensate | Finish
+
+
+class Engine:
+    """The state that the rollback rules need, folded from the journal's records."""
+
+    __slots__ = (
+        "_compensation_error",
+        "_ended",
+        "_next_step",
+        "_open_compensation",
+        "_open_step",
+        "_position",
+        "_rollback_error",
+        "_rollback_pos",
+        "_runs",
+        "_sequence",
+        "_setup",
+        "_step_error",
+        "_succeeded",
+    )
+
+    def __init__(self, setup: Setup) -> None:
+        self._setup = setup
+        self._sequence = tuple(setup.sequence())
+        self._next_step = 0
+        self._runs: dict[int, RunStarted] = {}
+        self._open_step: int | None = None
+        self._step_error: BaseException | None = None
+        # Runs that can be compensated, in completion order, and each one's position there.
+        self._succeeded: list[int] = []
+        self._position: dict[int, int] = {}
+        self._rollback_error: BaseException | None = None
+        self._rollback_pos = -1  # the next candidate for compensation, scanning downwards
+        self._open_compensation: int | None = None
+        self._compensation_error: BaseException | None = None
+        self._ended: Finish | None = None
+
+    @property
+    def status(self) -> Status:
+        if self._ended is not None:
+            return self._ended.status
+        return Status.RUNNING if self._rollback_error is None else Status.COMPENSATING
+
+    def action_of(self, run: int) -> str:
+        return self._runs[run].action
+
+    def apply(self, record: Record) -> None:
+        """Fold one record into the state."""
+        if type(record) is RunStarted:
+            self._started(record)
+        elif type(record) is RunSucceeded:
+            self._succeeded_run(record)
+        elif type(record) is RunFailed:
+            self._failed_run(record)
+        elif type(record) is RollbackStarted:
+            self._rollback_error = record.error
+            self._step_error = None
+            self._rollback_pos = len(self._succeeded) - 1
+        elif type(record) is SagaEnded:
+            self._ended = Finish(record.status, record.error)
+        elif type(record) is not SagaStarted:
+            raise TypeError(f"Unknown journal record {record!r}.")
+
+    def _started(self, record: RunStarted) -> None:
+        self._runs[record.run] = record
+        if record.role is Role.STEP:
+            self._next_step += 1
+            self._open_step = record.run
+        elif record.role is Role.COMPENSATION:
+            self._open_compensation = record.run
+            assert record.target is not None
+            self._rollback_pos = self._position[record.target] - 1
+
+    def _succeeded_run(self, record: RunSucceeded) -> None:
+        role = self._runs[record.run].role
+        if role is Role.COMPENSATION:
+            self._open_compensation = None
+            return
+        if role is Role.STEP:
+            self._open_step = None
+        # Compensators are never compensated; calls made during the rollback land after
+        # `_rollback_pos`, so the rollback never reaches them either.
+        self._position[record.run] = len(self._succeeded)
+        self._succeeded.append(record.run)
+
+    def _failed_run(self, record: RunFailed) -> None:
+        role = self._runs[record.run].role
+        if role is Role.STEP:
+            self._open_step = None
+            self._step_error = record.error
+        elif role is Role.COMPENSATION:
+            self._open_compensation = None
+            self._compensation_error = record.error
+
+    def next(self) -> Decision:
+        """What happens next; asking twice without applying anything gives the same answer."""
+        if self._ended is not None:
+            return self._ended
+        if self._rollback_error is None:
+            return self._forward()
+        return self._rollback(self._rollback_error)
+
+    def _forward(self) -> Decision:
+        if self._step_error is not None:
+            return StartRollback(self._step_error)
+        setup = self._setup
+        if self._open_step is not None:
+            started = self._runs[self._open_step]
+            action = setup.action(started.action)
+            if action is None:
+                return StartRollback(ActionNotFound(started.action, role="in the sequence"))
+            return RunStep(action, self._open_step)
+        if self._next_step < len(self._sequence):
+            name = self._sequence[self._next_step]
+            action = setup.action(name)
+            if action is None:
+                return StartRollback(ActionNotFound(name, role="in the sequence"))
+            return RunStep(action, None)
+        return Finish(Status.COMPLETED, None)
+
+    def _rollback(self, action_error: BaseException) -> Decision:
+        if self._compensation_error is not None:
+            return Finish(Status.FAILED, CompensationFailed(action_error, self._compensation_error))
+        setup = self._setup
+        if self._open_compensation is not None:
+            started = self._runs[self._open_compensation]
+            assert started.target is not None
+            return self._compensate(action_error, started.target, self._open_compensation)
+        for pos in range(self._rollback_pos, -1, -1):
+            target = self._succeeded[pos]
+            if setup.compensator(self._runs[target].action):
+                return self._compensate(action_error, target, None)
+        return Finish(Status.COMPENSATED, action_error)
+
+    def _compensate(self, action_error: BaseException, target: int, run: int | None) -> Decision:
+        target_action = self._runs[target].action
+        compensator = self._setup.compensator(target_action)
+        action = self._setup.action(compensator) if compensator else None
+        if action is None:
+            missing = ActionNotFound(
+                compensator or "", role=f"the compensator of {target_action!r}"
+            )
+            return Finish(Status.FAILED, CompensationFailed(action_error, missing))
+        return Compensate(action, target, target_action, run)

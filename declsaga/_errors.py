@@ -1,0 +1,162 @@
+"""The error hierarchy: one base, each error also a matching builtin, all picklable."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+__all__ = [
+    "ActionNotFound",
+    "AggregateNotFound",
+    "CompensationFailed",
+    "CompensationTimeout",
+    "DefinitionError",
+    "EmptyActionName",
+    "HandlerNotFound",
+    "InvalidSetup",
+    "MissingBus",
+    "MissingRepository",
+    "SagaError",
+    "UsageError",
+    "describe",
+]
+
+
+def describe(value: object) -> str:
+    """A short description of a value for messages: its type and repr, shortened."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__qualname__})"
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """The error itself if it pickles, else a SagaError that keeps its type and message."""
+    if error is None:
+        return None
+    try:
+        pickle.dumps(error)
+    except Exception:
+        return SagaError(f"{type(error).__module__}.{type(error).__qualname__}: {error}")
+    return error
+
+
+def _rebuild(
+    cls: type[SagaError], args: tuple[Any, ...], state: dict[str, Any], cause: BaseException | None
+) -> SagaError:
+    # Bypass __init__: the fields are restored from state, and TimeoutError subclasses
+    # would otherwise reinterpret args like OSError does.
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    error.__cause__ = cause
+    return error
+
+
+class SagaError(Exception):
+    """Base of every declsaga error."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {
+            key: _portable(value) if isinstance(value, BaseException) else value
+            for key, value in self.__dict__.items()
+        }
+        return (_rebuild, (type(self), self.args, state, _portable(self.__cause__)))
+
+
+class UsageError(SagaError, TypeError):
+    """An API was given an argument of the wrong kind."""
+
+
+class InvalidSetup(SagaError, ValueError):
+    """Base of the setup problems found by `validate`."""
+
+
+class EmptyActionName(InvalidSetup):
+    """A name in the sequence is empty or whitespace."""
+
+    def __init__(self, name: str, *, position: int) -> None:
+        self.name = name
+        self.position = position
+        super().__init__(
+            f"The action name at position {position} of the sequence is empty: {name!r}."
+        )
+
+
+class ActionNotFound(InvalidSetup, LookupError):
+    """A name does not resolve to an action of the setup."""
+
+    def __init__(self, name: str, *, role: str) -> None:
+        self.name = name
+        self.role = role
+        super().__init__(f"No action named {name!r} ({role}).")
+
+
+class DefinitionError(InvalidSetup, TypeError):
+    """A `Saga` subclass is malformed; raised when the class statement runs."""
+
+
+class CompensationTimeout(SagaError, TimeoutError):
+    """The rollback ran out of its `compensate_timeout` budget."""
+
+    def __init__(self, action: str, compensator: str, timeout: float) -> None:
+        self.action = action
+        self.compensator = compensator
+        self.timeout = timeout
+        super().__init__(
+            f"The rollback ran out of its {timeout:g}s budget while compensating "
+            f"action {action!r} with {compensator!r}."
+        )
+
+
+class CompensationFailed(SagaError):
+    """The rollback failed: `.action_error` started it, `.error` stopped it."""
+
+    def __init__(self, action_error: BaseException, error: BaseException) -> None:
+        self.action_error = action_error
+        self.error = error
+        super().__init__(
+            f"The rollback after {type(action_error).__name__}({action_error}) failed with "
+            f"{type(error).__name__}({error})."
+        )
+        self.__cause__ = error
+
+
+class MissingBus(SagaError):
+    """An action published or dispatched without the bus configured."""
+
+    def __init__(self, kind: str, action: str) -> None:
+        self.kind = kind
+        self.action = action
+        super().__init__(
+            f"Action {action!r} used the {kind} bus, but the executor has none: "
+            f"pass {kind}_bus= to Executor."
+        )
+
+
+class MissingRepository(SagaError):
+    """An action fetched an aggregate without a repository configured."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+        super().__init__(
+            f"Action {action!r} fetched an aggregate, but the executor has no repository: "
+            "pass repository= to Executor."
+        )
+
+
+class HandlerNotFound(SagaError, LookupError):
+    """A command was dispatched that no handler handles."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        super().__init__(f"No handler is registered for command {command!r}.")
+
+
+class AggregateNotFound(SagaError, LookupError):
+    """The repository holds no aggregate of that type and id."""
+
+    def __init__(self, aggregate_type: str, aggregate_id: object) -> None:
+        self.aggregate_type = aggregate_type
+        self.aggregate_id = aggregate_id
+        super().__init__(f"No {aggregate_type} aggregate with id {aggregate_id!r} is stored.")

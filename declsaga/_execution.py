@@ -1,0 +1,431 @@
+"""One execution of a setup: the journal it writes, and the drivers that act on the engine.
+
+The forward drivers (blocking and asyncio) and the rollback driver execute what the
+engine decides; every outcome goes through `finish_run` / `fail_run`, which drop a
+run's second outcome (an abandoned compensator finishing late) and anything after the
+journal is sealed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Awaitable, Coroutine
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from inspect import isawaitable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from . import _threads
+from ._context import Context
+from ._engine import Compensate, Engine, Finish, RunStep, StartRollback
+from ._errors import ActionNotFound, CompensationTimeout, SagaError
+from ._journal import (
+    Record,
+    Role,
+    RollbackStarted,
+    RunFailed,
+    RunStarted,
+    RunSucceeded,
+    SagaEnded,
+    SagaStarted,
+)
+
+if TYPE_CHECKING:
+    from ._components import AggregateRepository, CommandBus, EventBus
+    from ._setup import Action, Setup
+
+__all__ = ["Execution"]
+
+T = TypeVar("T")
+
+# Loop turns that cancelled leftovers get to end before the private loop is handed off.
+_SETTLE_TURNS = 5
+
+
+class Execution:
+    """The runtime state of one execution; the executor itself holds none."""
+
+    __slots__ = (
+        "_lock",
+        "_loop",
+        "_loop_closing",
+        "_loop_thread",
+        "_next_run",
+        "_open",
+        "_sealed",
+        "command_bus",
+        "compensate_timeout",
+        "engine",
+        "event_bus",
+        "records",
+        "repository",
+        "saga_id",
+        "setup",
+    )
+
+    def __init__(
+        self,
+        setup: Setup,
+        saga_id: str,
+        *,
+        repository: AggregateRepository | None,
+        event_bus: EventBus | None,
+        command_bus: CommandBus | None,
+        compensate_timeout: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self.setup = setup
+        self.saga_id = saga_id
+        self.repository = repository
+        self.event_bus = event_bus
+        self.command_bus = command_bus
+        self.compensate_timeout = compensate_timeout
+        self.engine = Engine(setup)
+        self.records: list[Record] = []
+        self._lock = threading.Lock()
+        self._next_run = 0
+        self._open: set[int] = set()  # started runs without an outcome: each outcome's token
+        self._sealed = False
+        # The loop that async actions run on: the caller's under execute_async; under
+        # execute a private one, created on first need and owned by the calling thread.
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._loop_closing = False  # set under _lock: the private loop takes no more work
+        self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
+
+    # -- the journal -----------------------------------------------------------------------
+
+    def append(self, record: Record) -> None:
+        with self._lock:
+            if not self._sealed:
+                self.records.append(record)
+                self.engine.apply(record)
+
+    @property
+    def ended(self) -> bool:
+        """True once the journal is sealed: the outcome is decided, nothing more runs."""
+        return self._sealed
+
+    def start_run(
+        self,
+        action: str,
+        role: Role,
+        *,
+        parent: int | None = None,
+        index: int | None = None,
+        target: int | None = None,
+        at: float | None = None,
+    ) -> int:
+        with self._lock:
+            if self._sealed:
+                raise SagaError(f"Saga {self.saga_id!r} has ended: action {action!r} cannot run.")
+            run = self._next_run
+            self._next_run += 1
+            at = perf_counter() if at is None else at
+            record = RunStarted(run, action, role, parent, index, target, at)
+            self.records.append(record)
+            self.engine.apply(record)
+            self._open.add(run)
+            return run
+
+    def finish_run(self, run: int, result: object) -> None:
+        self._outcome(run, RunSucceeded(run, result, perf_counter()))
+
+    def fail_run(self, run: int, error: BaseException, *, at: float | None = None) -> None:
+        self._outcome(run, RunFailed(run, error, perf_counter() if at is None else at))
+
+    def _outcome(self, run: int, record: RunSucceeded | RunFailed) -> None:
+        with self._lock:
+            if self._sealed or run not in self._open:
+                return  # a late or second outcome: the first one recorded stands
+            self._open.discard(run)
+            self.records.append(record)
+            self.engine.apply(record)
+
+    def seal(self, decision: Finish) -> None:
+        """Record the end; nothing is appended after it."""
+        with self._lock:
+            record = SagaEnded(decision.status, decision.error, perf_counter())
+            self.records.append(record)
+            self.engine.apply(record)
+            self._sealed = True
+
+    # -- calling actions -------------------------------------------------------------------
+
+    def invoke_blocking(self, action: Action, ctx: Context) -> object:
+        """Call an action on this thread; an awaitable it returns is run to completion."""
+        outcome = action.fn(ctx)
+        if isawaitable(outcome):
+            return self.block_on(outcome)
+        return outcome
+
+    async def invoke_async(self, action: Action, ctx: Context, *, abandonable: bool) -> object:
+        """Call an action from the loop; a sync one runs in a worker thread."""
+        if action.is_async:
+            outcome = action.fn(ctx)
+            return await cast(Awaitable[object], outcome) if isawaitable(outcome) else outcome
+        future = _threads.submit(self.invoke_blocking, action, ctx)
+        waiter = asyncio.wrap_future(future)
+        try:
+            # Shielded: cancelling the caller must not cancel the thread's future.
+            return await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            if abandonable or future.cancel():
+                waiter.add_done_callback(_consume)
+                raise
+            # The thread cannot be interrupted: record its real outcome, then propagate.
+            await _wait_uncancellable(waiter)
+            if waiter.exception() is None:
+                self.finish_run(ctx._run, waiter.result())
+            else:
+                self.fail_run(ctx._run, cast(BaseException, waiter.exception()))
+            raise
+
+    def _nested(self, ctx: Context, name: str) -> tuple[Action, Context]:
+        action = self.setup.action(name)
+        if action is None:
+            raise ActionNotFound(name, role=f"run by {ctx.action.name!r}")
+        index = ctx._calls
+        ctx._calls += 1
+        run = self.start_run(action.name, Role.CALL, parent=ctx._run, index=index)
+        return action, Context(self, action, run, abandonable=ctx._abandonable)
+
+    def call_blocking(self, parent: Context, name: str) -> Any:
+        action, ctx = self._nested(parent, name)
+        try:
+            result = self.invoke_blocking(action, ctx)
+        except BaseException as error:
+            self.fail_run(ctx._run, error)
+            raise
+        finally:
+            ctx._closed = True
+        self.finish_run(ctx._run, result)
+        return result
+
+    async def call_async(self, parent: Context, name: str) -> Any:
+        action, ctx = self._nested(parent, name)
+        try:
+            result = await self.invoke_async(action, ctx, abandonable=ctx._abandonable)
+        except BaseException as error:
+            self.fail_run(ctx._run, error)
+            raise
+        finally:
+            ctx._closed = True
+        self.finish_run(ctx._run, result)
+        return result
+
+    # -- event loops -----------------------------------------------------------------------
+
+    def block_on(self, awaitable: Awaitable[T]) -> T:
+        """Wait for `awaitable` on the execution's loop, from a thread not running a loop."""
+        coroutine = _as_coroutine(awaitable)
+        if threading.get_ident() == self._loop_thread:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(coroutine)
+        with self._lock:  # close_private_loop sets _loop_closing under it
+            loop = self._loop
+            try:
+                if loop is None or self._loop_closing:
+                    raise RuntimeError("Event loop is closed")
+                future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            except RuntimeError:  # no loop, or the caller's loop is closed
+                coroutine.close()  # never awaited, on purpose: no warning
+                raise SagaError(
+                    f"Saga {self.saga_id!r} has no running event loop to wait on."
+                ) from None
+        return future.result()
+
+    def close_private_loop(self) -> None:
+        """Close the loop that `execute` created, once what is left on it is cancelled.
+
+        Left on it: compensators abandoned by the budget, async runs started from an
+        abandoned sync compensator's thread, tasks an action did not await. They are
+        cancelled; one that does not end promptly is left to finish on a daemon thread
+        that then closes the loop, so `execute` returns at once, as for a sync one.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or loop.is_running():
+            return
+        with self._lock:
+            self._loop_closing = True  # from now on, no thread schedules work on it
+        try:
+            settled = loop.run_until_complete(_cancel_leftovers())
+        except BaseException:
+            _close_loop(loop)
+            raise
+        if settled:
+            _close_loop(loop)
+        else:
+            threading.Thread(
+                target=_finish_loop, args=(loop,), name="declsaga-abandoned", daemon=True
+            ).start()
+
+    # -- drivers ---------------------------------------------------------------------------
+
+    def forward_blocking(self) -> None:
+        """Run the sequence on the calling thread until it completes or a step fails."""
+        while True:
+            decision = self.engine.next()
+            if type(decision) is RunStep:
+                action = decision.action
+                run = self._step_run(decision)
+                ctx = Context(self, action, run)
+                try:
+                    result = self.invoke_blocking(action, ctx)
+                except BaseException as error:
+                    self.fail_run(run, error)
+                else:
+                    self.finish_run(run, result)
+                ctx._closed = True
+            elif type(decision) is StartRollback:
+                self.append(RollbackStarted(decision.error))
+                return
+            else:
+                return
+
+    async def forward_async(self) -> None:
+        """Run the sequence from the loop until it completes, a step fails, or it is cancelled."""
+        while True:
+            decision = self.engine.next()
+            if type(decision) is RunStep:
+                action = decision.action
+                run = self._step_run(decision)
+                ctx = Context(self, action, run)
+                try:
+                    result = await self.invoke_async(action, ctx, abandonable=False)
+                except asyncio.CancelledError as cancelled:
+                    # Recorded only if the run has no real outcome yet (see invoke_async).
+                    self.fail_run(run, cancelled)
+                    self.append(RollbackStarted(cancelled))
+                    return
+                except BaseException as error:
+                    self.fail_run(run, error)
+                else:
+                    self.finish_run(run, result)
+                finally:
+                    ctx._closed = True
+            elif type(decision) is StartRollback:
+                self.append(RollbackStarted(decision.error))
+                return
+            else:
+                return
+
+    def _step_run(self, decision: RunStep) -> int:
+        if decision.run is not None:
+            return decision.run
+        return self.start_run(decision.action.name, Role.STEP)
+
+    async def rollback(self) -> None:
+        """Compensate, newest first, within one time budget for all compensations."""
+        budget = self.compensate_timeout
+        while True:
+            decision = self.engine.next()
+            if type(decision) is not Compensate:
+                return
+            action = decision.action
+            run = decision.run
+            if budget <= 0:
+                # Its turn came after the budget was spent: it does not start.
+                at = perf_counter()
+                if run is None:
+                    run = self.start_run(
+                        action.name, Role.COMPENSATION, target=decision.target, at=at
+                    )
+                self.fail_run(run, self._timeout(decision), at=at)
+                continue
+            if run is None:
+                run = self.start_run(action.name, Role.COMPENSATION, target=decision.target)
+            ctx = Context(self, action, run, abandonable=True)
+            begin = perf_counter()
+            task = asyncio.ensure_future(self.invoke_async(action, ctx, abandonable=True))
+            done, _ = await asyncio.wait({task}, timeout=None if math.isinf(budget) else budget)
+            budget -= perf_counter() - begin
+            ctx._closed = True
+            if not done:
+                task.cancel()
+                task.add_done_callback(_consume)
+                self.fail_run(run, self._timeout(decision))
+            else:
+                try:
+                    result = task.result()
+                except BaseException as error:  # a compensator's failure, whatever it is
+                    self.fail_run(run, error)
+                else:
+                    self.finish_run(run, result)
+
+    def _timeout(self, decision: Compensate) -> CompensationTimeout:
+        return CompensationTimeout(
+            decision.target_action, decision.action.name, self.compensate_timeout
+        )
+
+    def finish(self) -> Finish:
+        decision = self.engine.next()
+        assert type(decision) is Finish, decision
+        self.seal(decision)
+        return decision
+
+
+async def _as_coroutine_impl(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _as_coroutine(awaitable: Awaitable[T]) -> Coroutine[Any, Any, T]:
+    if asyncio.iscoroutine(awaitable):
+        return cast(Coroutine[Any, Any, T], awaitable)
+    return _as_coroutine_impl(awaitable)
+
+
+async def _cancel_leftovers() -> bool:
+    """Cancel every other task of the running loop; True once none is left."""
+    current = asyncio.current_task()
+    cancelled: set[asyncio.Task[Any]] = set()
+    for _ in range(_SETTLE_TURNS):
+        tasks = asyncio.all_tasks() - {current}
+        if not tasks:
+            return True
+        for task in tasks - cancelled:
+            task.cancel()
+        cancelled |= tasks
+        await asyncio.sleep(0)
+    return not asyncio.all_tasks() - {current}
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Run a private loop until its abandoned tasks end, then close it (daemon thread)."""
+    try:
+        loop.run_until_complete(_drain())
+    finally:
+        _close_loop(loop)
+
+
+async def _drain() -> None:
+    current = asyncio.current_task()
+    while tasks := asyncio.all_tasks() - {current}:
+        await asyncio.wait(tasks)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+async def _wait_uncancellable(waiter: asyncio.Future[Any]) -> None:
+    while not waiter.done():
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            continue
+        except BaseException:
+            return
+
+
+def _consume(future: asyncio.Future[Any] | Future[Any]) -> None:
+    """Mark an abandoned future's outcome as seen: it was discarded on purpose."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,210 @@
+"""The `Setup` model of goes' saga package: a sequence, compensator lookup, action lookup."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Protocol, final, runtime_checkable
+
+import attrs
+
+from ._errors import ActionNotFound, EmptyActionName, UsageError, describe
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+__all__ = ["Action", "ActionFn", "Setup", "check_setup", "is_async_callable", "new", "validate"]
+
+ActionFn = Callable[["Context"], object]
+
+
+def is_async_callable(fn: object) -> bool:
+    """True for coroutine functions, partials of them and objects with an async __call__.
+
+    A callable classified as sync may still return an awaitable; the executor awaits it.
+    """
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - we need the method, not callable()
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise UsageError(f"{what} must be a string, got {describe(name)}.")
+    return name
+
+
+def _check_fn(name: str, fn: object) -> None:
+    if not callable(fn):
+        raise UsageError(f"Action {name!r} must be callable, got {describe(fn)}.")
+
+
+@final
+@attrs.frozen
+class Action:
+    """A named action: `fn(ctx)` does the work, sync or async."""
+
+    name: str
+    fn: ActionFn
+    is_async: bool = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_name(self.name, "An action name")
+        _check_fn(self.name, self.fn)
+        object.__setattr__(self, "is_async", is_async_callable(self.fn))
+
+    def run(self, ctx: Context) -> object:
+        """Call the action's function with `ctx`; async functions return a coroutine."""
+        return self.fn(ctx)
+
+
+@runtime_checkable
+class Setup(Protocol):
+    """What the executor runs: goes' `saga.Setup`."""
+
+    def sequence(self) -> Sequence[str]:
+        """The names of the top-level actions, in the order they run."""
+        ...
+
+    def compensator(self, name: str) -> str | None:
+        """The name of the compensator of action `name`, or None."""
+        ...
+
+    def action(self, name: str) -> Action | None:
+        """The action called `name`, or None."""
+        ...
+
+
+@final
+class _FunctionalSetup:
+    """The immutable setup that `new()` returns."""
+
+    __slots__ = ("_actions", "_compensators", "_sequence")
+
+    def __init__(
+        self,
+        actions: Mapping[str, Action],
+        sequence: tuple[str, ...],
+        compensators: Mapping[str, str],
+    ) -> None:
+        self._actions = actions
+        self._sequence = sequence
+        self._compensators = compensators
+
+    def sequence(self) -> Sequence[str]:
+        return self._sequence
+
+    def compensator(self, name: str) -> str | None:
+        return self._compensators.get(name) or None
+
+    def action(self, name: str) -> Action | None:
+        return self._actions.get(name)
+
+    def __repr__(self) -> str:
+        return (
+            f"<setup sequence={list(self._sequence)!r} actions={list(self._actions)!r} "
+            f"compensators={dict(self._compensators)!r}>"
+        )
+
+
+def _collect_actions(actions: object) -> dict[str, Action]:
+    if isinstance(actions, Mapping):
+        collected: dict[str, Action] = {}
+        for name, fn in actions.items():
+            collected[name] = Action(_check_name(name, "An action name"), fn)
+        return collected
+    if isinstance(actions, str | bytes) or not isinstance(actions, Iterable):
+        raise UsageError(
+            "actions must be a mapping of name to callable or an iterable of Action, "
+            f"got {describe(actions)}."
+        )
+    collected = {}
+    for item in actions:
+        if not isinstance(item, Action):
+            raise UsageError(f"actions must hold only Action values, got {describe(item)}.")
+        # A later action with the same name wins; the first action keeps its place.
+        collected[item.name] = item
+    return collected
+
+
+def _collect_sequence(sequence: object) -> tuple[str, ...]:
+    if sequence is None:
+        return ()
+    if isinstance(sequence, str | bytes) or not isinstance(sequence, Iterable):
+        raise UsageError(f"sequence must be a list of action names, got {describe(sequence)}.")
+    return tuple(_check_name(name, "A sequence name") for name in sequence)
+
+
+def _collect_compensators(compensators: object) -> dict[str, str]:
+    if compensators is None:
+        return {}
+    if not isinstance(compensators, Mapping):
+        raise UsageError(
+            "compensators must be a mapping of action name to compensator name, "
+            f"got {describe(compensators)}."
+        )
+    collected: dict[str, str] = {}
+    for name, compensator in compensators.items():
+        _check_name(name, "A compensated action name")
+        if compensator is None:
+            continue
+        collected[name] = _check_name(compensator, f"The compensator of {name!r}")
+    return collected
+
+
+def new(
+    actions: Mapping[str, ActionFn] | Iterable[Action],
+    *,
+    sequence: Iterable[str] | None = None,
+    start_with: str | None = None,
+    compensators: Mapping[str, str | None] | None = None,
+) -> Setup:
+    """Build an immutable `Setup` by hand, with goes' sequence precedence."""
+    collected = _collect_actions(actions)
+    explicit = _collect_sequence(sequence)
+    if start_with is not None:
+        _check_name(start_with, "start_with")
+    compensator_names = _collect_compensators(compensators)
+    if not collected:
+        ordered: tuple[str, ...] = ()
+    elif explicit:
+        ordered = explicit
+    elif start_with:
+        ordered = (start_with,)
+    else:
+        ordered = (next(iter(collected)),)
+    return _FunctionalSetup(
+        MappingProxyType(collected), ordered, MappingProxyType(compensator_names)
+    )
+
+
+def check_setup(setup: object, api: str) -> Setup:
+    """`setup` if it is a setup instance, else a UsageError that says what was passed."""
+    if isinstance(setup, type):
+        raise UsageError(
+            f"{api}() needs a setup instance, got the class {setup.__qualname__}: "
+            f"instantiate it first, e.g. {setup.__qualname__}(...)."
+        )
+    if not isinstance(setup, Setup):
+        raise UsageError(
+            f"{api}() needs a Setup (sequence(), compensator(name), action(name)), "
+            f"got {describe(setup)}."
+        )
+    return setup
+
+
+def validate(setup: Setup) -> None:
+    """Check a setup's sequence and its compensators; raise for the first problem."""
+    check_setup(setup, "validate")
+    for position, name in enumerate(setup.sequence()):
+        if not isinstance(name, str):
+            raise UsageError(f"Sequence names must be strings, got {describe(name)}.")
+        if not name.strip():
+            raise EmptyActionName(name, position=position)
+        if setup.action(name) is None:
+            raise ActionNotFound(name, role="in the sequence")
+        compensator = setup.compensator(name)
+        if compensator and setup.action(compensator) is None:
+            raise ActionNotFound(compensator, role=f"the compensator of {name!r}")
