@@ -9,10 +9,10 @@ journal is sealed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
-from collections.abc import Awaitable, Coroutine
-from concurrent.futures import Future
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from inspect import isawaitable
 from time import perf_counter
@@ -32,6 +32,17 @@ from ._journal import (
     SagaEnded,
     SagaStarted,
 )
+from ._loops import (
+    as_coroutine,
+    cancel_leftovers,
+    capture,
+    captured,
+    close_loop,
+    consume,
+    finish_loop,
+    unwrap,
+    wait_uncancellable,
+)
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
@@ -40,9 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["Execution"]
 
 T = TypeVar("T")
-
-# Loop turns that cancelled leftovers get to end before the private loop is handed off.
-_SETTLE_TURNS = 5
 
 
 class Execution:
@@ -167,22 +175,24 @@ class Execution:
         if action.is_async:
             outcome = action.fn(ctx)
             return await cast(Awaitable[object], outcome) if isawaitable(outcome) else outcome
-        future = _threads.submit(self.invoke_blocking, action, ctx)
+        future = _threads.submit(capture, self.invoke_blocking, action, ctx)
         waiter = asyncio.wrap_future(future)
         try:
             # Shielded: cancelling the caller must not cancel the thread's future.
-            return await asyncio.shield(waiter)
+            captured = await asyncio.shield(waiter)
         except asyncio.CancelledError:
             if abandonable or future.cancel():
-                waiter.add_done_callback(_consume)
+                waiter.add_done_callback(consume)
                 raise
             # The thread cannot be interrupted: record its real outcome, then propagate.
-            await _wait_uncancellable(waiter)
-            if waiter.exception() is None:
-                self.finish_run(ctx._run, waiter.result())
+            await wait_uncancellable(waiter)
+            succeeded, value = waiter.result()
+            if succeeded:
+                self.finish_run(ctx._run, value)
             else:
-                self.fail_run(ctx._run, cast(BaseException, waiter.exception()))
+                self.fail_run(ctx._run, cast(BaseException, value))
             raise
+        return unwrap(captured)
 
     def _nested(self, ctx: Context, name: str) -> tuple[Action, Context]:
         action = self.setup.action(name)
@@ -221,23 +231,35 @@ class Execution:
 
     def block_on(self, awaitable: Awaitable[T]) -> T:
         """Wait for `awaitable` on the execution's loop, from a thread not running a loop."""
-        coroutine = _as_coroutine(awaitable)
+        coroutine = as_coroutine(awaitable)
         if threading.get_ident() == self._loop_thread:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-            return self._loop.run_until_complete(coroutine)
+            task = self._loop.create_task(coroutine)
+            try:
+                return self._loop.run_until_complete(task)
+            except BaseException:
+                if not task.done():
+                    # Interrupted from outside (a KeyboardInterrupt from a signal, say):
+                    # stop the run before anything else happens, as asyncio.run does.
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        self._loop.run_until_complete(task)
+                raise
+        wrapper = captured(coroutine)
         with self._lock:  # close_private_loop sets _loop_closing under it
             loop = self._loop
             try:
                 if loop is None or self._loop_closing:
                     raise RuntimeError("Event loop is closed")
-                future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+                future = asyncio.run_coroutine_threadsafe(wrapper, loop)
             except RuntimeError:  # no loop, or the caller's loop is closed
-                coroutine.close()  # never awaited, on purpose: no warning
+                wrapper.close()  # never awaited, on purpose: no warning
+                coroutine.close()
                 raise SagaError(
                     f"Saga {self.saga_id!r} has no running event loop to wait on."
                 ) from None
-        return future.result()
+        return cast(T, unwrap(future.result()))
 
     def close_private_loop(self) -> None:
         """Close the loop that `execute` created, once what is left on it is cancelled.
@@ -253,15 +275,15 @@ class Execution:
         with self._lock:
             self._loop_closing = True  # from now on, no thread schedules work on it
         try:
-            settled = loop.run_until_complete(_cancel_leftovers())
+            settled = loop.run_until_complete(cancel_leftovers())
         except BaseException:
-            _close_loop(loop)
+            close_loop(loop)
             raise
         if settled:
-            _close_loop(loop)
+            close_loop(loop)
         else:
             threading.Thread(
-                target=_finish_loop, args=(loop,), name="declsaga-abandoned", daemon=True
+                target=finish_loop, args=(loop,), name="declsaga-abandoned", daemon=True
             ).start()
 
     # -- drivers ---------------------------------------------------------------------------
@@ -341,21 +363,22 @@ class Execution:
                 run = self.start_run(action.name, Role.COMPENSATION, target=decision.target)
             ctx = Context(self, action, run, abandonable=True)
             begin = perf_counter()
-            task = asyncio.ensure_future(self.invoke_async(action, ctx, abandonable=True))
+            # Captured: a KeyboardInterrupt or SystemExit would otherwise escape the
+            # compensator's task and the event loop, leaving the saga unconcluded.
+            task = asyncio.ensure_future(captured(self.invoke_async(action, ctx, abandonable=True)))
             done, _ = await asyncio.wait({task}, timeout=None if math.isinf(budget) else budget)
             budget -= perf_counter() - begin
             ctx._closed = True
             if not done:
                 task.cancel()
-                task.add_done_callback(_consume)
+                task.add_done_callback(consume)
                 self.fail_run(run, self._timeout(decision))
-            else:
-                try:
-                    result = task.result()
-                except BaseException as error:  # a compensator's failure, whatever it is
-                    self.fail_run(run, error)
-                else:
-                    self.finish_run(run, result)
+                continue
+            succeeded, value = task.result()
+            if succeeded:
+                self.finish_run(run, value)
+            else:  # a compensator's failure, whatever it is
+                self.fail_run(run, cast(BaseException, value))
 
     def _timeout(self, decision: Compensate) -> CompensationTimeout:
         return CompensationTimeout(
@@ -367,65 +390,3 @@ class Execution:
         assert type(decision) is Finish, decision
         self.seal(decision)
         return decision
-
-
-async def _as_coroutine_impl(awaitable: Awaitable[T]) -> T:
-    return await awaitable
-
-
-def _as_coroutine(awaitable: Awaitable[T]) -> Coroutine[Any, Any, T]:
-    if asyncio.iscoroutine(awaitable):
-        return cast(Coroutine[Any, Any, T], awaitable)
-    return _as_coroutine_impl(awaitable)
-
-
-async def _cancel_leftovers() -> bool:
-    """Cancel every other task of the running loop; True once none is left."""
-    current = asyncio.current_task()
-    cancelled: set[asyncio.Task[Any]] = set()
-    for _ in range(_SETTLE_TURNS):
-        tasks = asyncio.all_tasks() - {current}
-        if not tasks:
-            return True
-        for task in tasks - cancelled:
-            task.cancel()
-        cancelled |= tasks
-        await asyncio.sleep(0)
-    return not asyncio.all_tasks() - {current}
-
-
-def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Run a private loop until its abandoned tasks end, then close it (daemon thread)."""
-    try:
-        loop.run_until_complete(_drain())
-    finally:
-        _close_loop(loop)
-
-
-async def _drain() -> None:
-    current = asyncio.current_task()
-    while tasks := asyncio.all_tasks() - {current}:
-        await asyncio.wait(tasks)
-
-
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
-
-
-async def _wait_uncancellable(waiter: asyncio.Future[Any]) -> None:
-    while not waiter.done():
-        try:
-            await asyncio.shield(waiter)
-        except asyncio.CancelledError:
-            continue
-        except BaseException:
-            return
-
-
-def _consume(future: asyncio.Future[Any] | Future[Any]) -> None:
-    """Mark an abandoned future's outcome as seen: it was discarded on purpose."""
-    if not future.cancelled():
-        future.exception()

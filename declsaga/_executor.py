@@ -163,18 +163,19 @@ def _outcome_error(
 
 
 async def _shielded(rollback: Any) -> asyncio.CancelledError | None:
-    """Run the rollback to its end even if the caller is cancelled meanwhile."""
+    """Run the rollback to its end even if the caller is cancelled meanwhile; return the
+    last cancellation received, if any."""
     task = asyncio.ensure_future(rollback)
     cancelled = None
-    while True:
+    while not task.done():
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError as error:
-            if task.done():
-                raise
+            # Also when the rollback has just finished: the cancellation arrived before
+            # this task woke up. It stands, after the saga is concluded and reported.
             cancelled = error
-            continue
-        return cancelled
+    task.result()  # the rollback task itself is only cancelled when the loop shuts down
+    return cancelled
 
 
 def execute(setup: Setup, *, saga_id: str | None = None, **executor_options: Any) -> Report:

@@ -44,7 +44,9 @@ class Report:
 
     @property
     def compensated(self) -> tuple[ActionRun, ...]:
-        return tuple(run for run in self.runs if run.compensated_by is not None)
+        return tuple(
+            run for run in self.runs if run.error is None and run.compensated_by is not None
+        )
 
 
 def build_report(records: Iterable[Record], error: BaseException | None, end_at: float) -> Report:

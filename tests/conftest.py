@@ -114,7 +114,7 @@ def _dsl(
         else:
             marked = declsaga.action(name=name)(method)
         namespace[f"method_{index}"] = marked
-    cls = type("Scripted", (Saga,), namespace)
+    cls: type[Saga] = type("Scripted", (Saga,), namespace)
     saga = cls()
     assert list(saga.sequence()) == list(sequence), "the DSL sequence is the steps by order"
     return saga

@@ -549,7 +549,7 @@ def test_fetch_awaits_an_async_repository(build: Build, run: Run, kind: str) -> 
 # -- where components run -------------------------------------------------------------------
 
 
-def test_under_execute_async_components_from_a_sync_action_run_on_the_private_loop(
+def test_under_execute_components_used_by_sync_steps_run_on_the_private_loop(
     build: Build,
 ) -> None:
     bus, commands, repository = AsyncEventBus(), AsyncCommandBus(), AsyncRepository({"a": 1})
@@ -681,13 +681,16 @@ def test_a_context_refuses_calls_after_its_run_ended(build: Build, run: Run, kin
 def test_a_run_left_behind_cannot_act_after_the_saga_ended(build: Build) -> None:
     # A nested run started without being awaited outlives its caller and the saga.
     outcome: list[BaseException] = []
+    started = asyncio.Event()
     release = asyncio.Event()
     finished = asyncio.Event()
 
     async def a(ctx: Context) -> None:
         background.append(asyncio.ensure_future(ctx.run_async("orphan")))
+        await started.wait()
 
     async def orphan(ctx: Context) -> None:
+        started.set()
         await release.wait()
         try:
             await ctx.run_async("x")
@@ -703,7 +706,8 @@ def test_a_run_left_behind_cannot_act_after_the_saga_ended(build: Build) -> None
         report = await Executor().execute_async(setup, saga_id="s-1")
         assert names(report) == ["a"]
         release.set()
-        await finished.wait()
+        async with asyncio.timeout(5):
+            await finished.wait()
         await asyncio.gather(*background, return_exceptions=True)
 
     asyncio.run(main())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import gc
 import math
 import re
@@ -656,6 +658,52 @@ def test_a_sync_compensator_abandoned_while_it_runs_an_async_action(
     gc.collect()  # nothing was left pending on a loop
 
 
+def test_an_async_compensator_that_ignores_its_cancellation_does_not_hold_up_execute(
+    build: Build, run: Run, act: Act, log: list[str], gate: threading.Event
+) -> None:
+    ended = threading.Event()
+
+    async def undo_a(ctx: Context) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            log.append("undo_a cancelled")
+        while not gate.is_set():  # carries on regardless, for a while
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.002)
+        log.append("undo_a done")
+        ended.set()
+
+    reports = Reports()
+    setup = build(
+        {"a": act("a"), "b": act("b", raises=ValueError("b failed")), "undo_a": undo_a},
+        sequence=["a", "b"],
+        compensators={"a": "undo_a"},
+    )
+    executor = Executor(compensate_timeout=0.05, reporter=reports)
+    if run.mode == "execute":
+        started = time.perf_counter()
+        with pytest.raises(CompensationFailed):
+            executor.execute(setup)
+        assert time.perf_counter() - started < 1
+        gate.set()
+    else:
+
+        async def main() -> None:
+            with pytest.raises(CompensationFailed):
+                await executor.execute_async(setup)
+            gate.set()
+            await wait_until(ended.is_set)
+
+        asyncio.run(main())
+    assert ended.wait(5)
+    assert log == ["a", "b", "undo_a cancelled", "undo_a done"]
+    [report] = reports
+    assert isinstance(report.runs[-1].error, CompensationTimeout)  # its late success: dropped
+    time.sleep(0.01)  # the private loop closes on its daemon thread once the task ended
+    gc.collect()
+
+
 def test_a_compensator_whose_turn_comes_after_the_budget_is_spent_does_not_start(
     build: Build, run: Run, act: Act, log: list[str]
 ) -> None:
@@ -732,6 +780,26 @@ def test_a_failure_rolled_back_raises_the_actions_own_exception_object(
         assert error is failure
     else:
         pytest.fail("the action's exception did not propagate")
+
+
+@pytest.mark.parametrize("failure", [TimeoutError("slow"), KeyError("k")], ids=type)
+def test_the_actions_own_exception_object_crosses_threads_and_loops(
+    build: Build, run: Run, act: Act, kind: str, failure: Exception
+) -> None:
+    # asyncio copies a TimeoutError that crosses between concurrent and asyncio futures.
+    other = "sync" if kind == "async" else "async"
+    reports = Reports()
+    setup = build(
+        {"a": act("a", calls=["x"]), "x": act("x", calls=["y"], kind=other),
+         "y": act("y", raises=failure), "undo_a": act("undo_a")},
+        sequence=["a"],
+        compensators={"a": "undo_a"},
+    )  # fmt: skip
+    with pytest.raises(type(failure)) as raised:
+        run(Executor(reporter=reports), setup)
+    assert raised.value is failure
+    assert [run.error for run in reports[0].runs] == [failure, failure, failure]
+    assert all(run.error is failure for run in reports[0].runs)
 
 
 # -- §4.7 the reporter ----------------------------------------------------------------------
@@ -1124,6 +1192,43 @@ def test_the_rollback_is_shielded_from_further_cancellation(
     assert names(report.compensated) == ["a", "b"]
 
 
+@pytest.mark.parametrize("turns", range(12))
+def test_a_second_cancellation_at_any_moment_of_the_rollback_still_reports_once(
+    turns: int, log: list[str]
+) -> None:
+    # Sweeps the moment of the second cancellation across the rollback's last loop turns,
+    # including the one where the rollback has finished but its waiter has not woken up.
+    entered = asyncio.Event()
+    undone = asyncio.Event()
+
+    async def hang(ctx: Context) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    async def undo_a(ctx: Context) -> None:
+        log.append("undo_a")
+        undone.set()
+
+    setup = declsaga.new(
+        {"a": lambda ctx: None, "hang": hang, "undo_a": undo_a},
+        sequence=["a", "hang"],
+        compensators={"a": "undo_a"},
+    )
+
+    async def cancel(task: asyncio.Task[Report]) -> None:
+        await entered.wait()
+        task.cancel()
+        await undone.wait()
+        await spin(turns)
+        task.cancel()
+
+    reports = Reports()
+    cancelled = cancelled_execution(setup, reports, then=cancel)
+    assert log == ["undo_a"]
+    [report] = reports
+    assert report.error is cancelled
+
+
 def test_a_cancellation_during_the_rollback_of_a_failure_propagates_after_it(
     build: Build, act: Act, log: list[str]
 ) -> None:
@@ -1248,6 +1353,36 @@ def test_a_base_exception_raised_under_execute_rolls_back_then_propagates(
     assert names(report.runs) == ["a", "b", "undo_a"]
 
 
+def test_a_keyboard_interrupt_from_outside_stops_the_async_step_before_the_rollback(
+    build: Build, act: Act, log: list[str]
+) -> None:
+    # As a signal handler would: raised by the loop, not by the awaiting action.
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    async def hang(ctx: Context) -> None:
+        asyncio.get_running_loop().call_soon(interrupt)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            log.append("hang cancelled")
+            raise
+
+    reports = Reports()
+    setup = build(
+        {"a": act("a"), "hang": hang, "undo_a": act("undo_a")},
+        sequence=["a", "hang"],
+        compensators={"a": "undo_a"},
+    )
+    with pytest.raises(KeyboardInterrupt) as raised:
+        Executor(reporter=reports).execute(setup)
+    assert log == ["a", "hang cancelled", "undo_a"]
+    [report] = reports
+    assert names(report.runs) == ["a", "hang", "undo_a"]
+    assert report.runs[1].error is raised.value
+    assert report.error is raised.value
+
+
 def test_a_keyboard_interrupt_in_a_nested_run_under_execute_rolls_back(
     build: Build, act: Act, log: list[str]
 ) -> None:
@@ -1282,6 +1417,28 @@ def test_a_keyboard_interrupt_with_a_failed_rollback_has_it_as_cause(
     assert isinstance(failed, CompensationFailed)
     assert (failed.action_error, failed.error) == (interrupt, broken)
     assert reports[0].error is interrupt
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), SystemExit(3)], ids=type)
+def test_a_compensator_raising_a_base_exception_fails_the_rollback_like_any_error(
+    build: Build, run: Run, act: Act, log: list[str], interrupt: BaseException
+) -> None:
+    # Sync or async, under execute or execute_async: the saga is concluded and reported.
+    failure = ValueError("c failed")
+    reports = Reports()
+    setup = build(
+        {"a": act("a"), "b": act("b"), "c": act("c", raises=failure),
+         "undo_a": act("undo_a"), "undo_b": act("undo_b", raises=interrupt)},
+        sequence=["a", "b", "c"],
+        compensators={"a": "undo_a", "b": "undo_b"},
+    )  # fmt: skip
+    with pytest.raises(CompensationFailed) as raised:
+        run(Executor(reporter=reports), setup)
+    assert (raised.value.action_error, raised.value.error) == (failure, interrupt)
+    assert log == ["a", "b", "c", "undo_b"]
+    [report] = reports
+    assert report.error is raised.value
+    assert report.runs[-1].error is interrupt
 
 
 def test_a_reporter_error_after_a_cancellation_becomes_the_cancellations_context(
@@ -1429,6 +1586,29 @@ def test_fifty_concurrent_execute_async_with_nested_sync_and_async_runs(build: B
             assert names(outcome.runs) == ["u", "t", "s", "a", "b"]
 
 
+def test_one_setup_runs_many_times_at_once(build: Build) -> None:
+    # The same setup object, concurrently: every execution sees only its own saga id.
+    seen: dict[str, list[str]] = {}
+
+    async def a(ctx: Context) -> None:
+        await asyncio.sleep(0)
+        seen.setdefault(ctx.saga_id, []).append(str(await ctx.run_async("x")))
+
+    def x(ctx: Context) -> str:
+        return ctx.saga_id
+
+    setup = build({"a": a, "x": x}, sequence=["a"])
+    ids = [f"saga-{i}" for i in range(20)]
+
+    async def main() -> list[Report]:
+        executor = Executor()
+        return await asyncio.gather(*(executor.execute_async(setup, saga_id=i) for i in ids))
+
+    reports = asyncio.run(main())
+    assert seen == {i: [i] for i in ids}
+    assert [names(report.runs) for report in reports] == [["x", "a"]] * len(ids)
+
+
 # -- §4.11 where actions run ----------------------------------------------------------------
 
 
@@ -1574,6 +1754,63 @@ def test_blocking_calls_from_a_worker_thread_reach_async_actions_through_the_loo
     assert seen["inner"] == seen["a"]  # on the executor's loop, its thread
     assert seen["s"][0] != seen["a"][0]
     assert names(reports[0].runs) == ["inner", "s", "a"]
+
+
+class AsyncCallable:
+    """An object with an async __call__: an async action that is not a function."""
+
+    async def __call__(self, ctx: Context) -> object:
+        return ("callable", current_loop() is not None)
+
+
+def test_a_sync_callable_that_returns_an_awaitable_is_awaited_on_the_executors_loop(
+    run: Run,
+) -> None:
+    async def work(ctx: Context, tag: str) -> object:
+        return (tag, current_loop() is not None)
+
+    def wrapper(ctx: Context) -> object:  # a plain def that returns a coroutine
+        return work(ctx, "wrapper")
+
+    results: list[object] = []
+
+    def a(ctx: Context) -> None:
+        results.extend([ctx.run("wrapper"), ctx.run("partial"), ctx.run("callable")])
+
+    async def b(ctx: Context) -> None:
+        results.extend([await ctx.run_async(name) for name in ("wrapper", "partial", "callable")])
+
+    actions: dict[str, Callable[[Context], object]] = {
+        "a": a, "b": b, "wrapper": wrapper, "partial": functools.partial(work, tag="partial"),
+        "callable": AsyncCallable(),
+    }  # fmt: skip
+    setup = declsaga.new(
+        actions,
+        sequence=["a", "b"],
+    )  # fmt: skip
+    report = run(Executor(), setup)
+    expected = [("wrapper", True), ("partial", True), ("callable", True)]
+    assert results == expected + expected
+    nested = ["wrapper", "partial", "callable"]
+    assert names(report.runs) == [*nested, "a", *nested, "b"]
+
+
+def test_execute_from_a_worker_thread_of_a_running_loop_uses_its_own_loop() -> None:
+    loops: list[asyncio.AbstractEventLoop | None] = []
+
+    async def a(ctx: Context) -> None:
+        loops.append(current_loop())
+
+    setup = declsaga.new({"a": a})
+
+    async def main() -> None:
+        loops.append(current_loop())
+        await asyncio.to_thread(Executor().execute, setup)
+
+    asyncio.run(main())
+    caller, private = loops
+    assert private is not None
+    assert private is not caller
 
 
 def test_deep_nesting_of_sync_and_async_runs_does_not_deadlock(build: Build, run: Run) -> None:
@@ -1758,7 +1995,7 @@ def call(entry: str, setup: object, *, saga_id: object = None, **options: Any) -
 
 def test_executor_arguments_are_keyword_only() -> None:
     with pytest.raises(TypeError):
-        Executor(None)  # type: ignore[misc]
+        Executor(None)  # type: ignore[call-arg]
 
 
 # -- §4 saga ids and the execute() shortcut -------------------------------------------------
@@ -1823,7 +2060,8 @@ def test_report_times_are_aware_utc_and_end_minus_start_is_runtime(
     after = datetime.now(UTC)
     [report] = reports
     assert before <= report.start <= report.end <= after
-    for item in (report, *report.runs):
+    timed: list[Report | ActionRun] = [report, *report.runs]
+    for item in timed:
         assert item.start.tzinfo is not None
         assert item.start.utcoffset() == timedelta(0)
         assert item.end.utcoffset() == timedelta(0)
