@@ -23,7 +23,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check declsaga tests examples
 	$(BIN)/ruff format --check declsaga tests examples
-	$(BIN)/mypy declsaga tests/typing
+	$(BIN)/mypy declsaga
+	$(BIN)/mypy tests examples
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/run.py

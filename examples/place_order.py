@@ -74,6 +74,12 @@ class PlaceOrder(Saga):
         ctx.publish(Event("order.shipped", {"order": self.order_id, "tracking": self.tracking}))
 
 
+def payload(command: Command) -> dict[str, object]:
+    """The commands of this example carry plain dicts."""
+    assert isinstance(command.payload, dict)
+    return command.payload
+
+
 def services(
     *, carrier_up: bool
 ) -> tuple[declsaga.InMemoryCommandBus, declsaga.InMemoryRepository, list[str]]:
@@ -84,25 +90,25 @@ def services(
     bus = declsaga.InMemoryCommandBus()
 
     def reserve(command: Command) -> str:
-        order = command.payload
+        order = payload(command)
         ledger.append(f"inventory: reserved {order['quantity']} x {order['sku']}")
         return "res-1"
 
     def release(command: Command) -> None:
-        ledger.append(f"inventory: released {command.payload['reservation']}")
+        ledger.append(f"inventory: released {payload(command)['reservation']}")
 
     async def charge(command: Command) -> str:
         await asyncio.sleep(0)  # a network call in real life
-        ledger.append(f"payments: charged {command.payload['cents']} cents")
+        ledger.append(f"payments: charged {payload(command)['cents']} cents")
         return "ch-1"
 
     async def refund(command: Command) -> None:
-        ledger.append(f"payments: refunded {command.payload['charge']}")
+        ledger.append(f"payments: refunded {payload(command)['charge']}")
 
     def ship(command: Command) -> str:
         if not carrier_up:
             raise CarrierUnavailable("the carrier's API answered 503")
-        ledger.append(f"shipping: shipped {command.payload['order']}")
+        ledger.append(f"shipping: shipped {payload(command)['order']}")
         return "trk-7"
 
     for name, handler in [

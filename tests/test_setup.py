@@ -102,7 +102,11 @@ def test_actions_from_an_iterable_later_one_wins_and_first_keeps_its_place() -> 
 def test_action_run_calls_fn_with_ctx() -> None:
     seen: list[object] = []
     marker = object()
-    act = Action("foo", lambda ctx: seen.append(ctx) or "done")
+    def record(ctx: declsaga.Context) -> str:
+        seen.append(ctx)
+        return "done"
+
+    act = Action("foo", record)
     assert act.run(marker) == "done"  # type: ignore[arg-type]
     assert seen == [marker]
 
