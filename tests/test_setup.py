@@ -102,6 +102,7 @@ def test_actions_from_an_iterable_later_one_wins_and_first_keeps_its_place() -> 
 def test_action_run_calls_fn_with_ctx() -> None:
     seen: list[object] = []
     marker = object()
+
     def record(ctx: declsaga.Context) -> str:
         seen.append(ctx)
         return "done"
