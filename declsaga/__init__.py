@@ -22,21 +22,27 @@ from ._errors import CompensationFailed as CompensationFailed
 from ._errors import CompensationTimeout as CompensationTimeout
 from ._errors import DefinitionError as DefinitionError
 from ._errors import EmptyActionName as EmptyActionName
+from ._errors import EncodeError as EncodeError
 from ._errors import HandlerNotFound as HandlerNotFound
 from ._errors import InvalidSetup as InvalidSetup
 from ._errors import MissingBus as MissingBus
 from ._errors import MissingRepository as MissingRepository
+from ._errors import RecordedError as RecordedError
+from ._errors import SagaBusy as SagaBusy
 from ._errors import SagaError as SagaError
+from ._errors import StoreError as StoreError
 from ._errors import UsageError as UsageError
 from ._executor import DEFAULT_COMPENSATE_TIMEOUT as DEFAULT_COMPENSATE_TIMEOUT
 from ._executor import Executor as Executor
 from ._executor import execute as execute
 from ._report import ActionRun as ActionRun
+from ._report import Recovered as Recovered
 from ._report import Report as Report
 from ._setup import Action as Action
 from ._setup import Setup as Setup
 from ._setup import new as new
 from ._setup import validate as validate
+from .stores import SQLiteStore as SQLiteStore
 
 __all__ = [
     "DEFAULT_COMPENSATE_TIMEOUT",
@@ -52,6 +58,7 @@ __all__ = [
     "Context",
     "DefinitionError",
     "EmptyActionName",
+    "EncodeError",
     "Event",
     "EventBus",
     "Executor",
@@ -62,10 +69,15 @@ __all__ = [
     "InvalidSetup",
     "MissingBus",
     "MissingRepository",
+    "RecordedError",
+    "Recovered",
     "Report",
+    "SQLiteStore",
     "Saga",
+    "SagaBusy",
     "SagaError",
     "Setup",
+    "StoreError",
     "UsageError",
     "action",
     "compensates",

@@ -31,6 +31,7 @@ from ._markers import (
     spell,
     step,
 )
+from ._registry import Definition, register
 from ._setup import Action, is_async_callable
 
 __all__ = [
@@ -50,7 +51,7 @@ _COMPILED = "__declsaga__"
 _REBUILD = "__declsaga_rebuild__"
 _SETUP_METHODS = frozenset({"sequence", "compensator", "action"})
 # Keyword arguments accepted in `class X(Saga, ...)`.
-_CLASS_OPTIONS: frozenset[str] = frozenset()
+_CLASS_OPTIONS: frozenset[str] = frozenset({"name"})
 _FACTORY: type = type(attrs.Factory(list))
 
 
@@ -78,6 +79,8 @@ class SagaPlan:
     """What a `Saga` subclass compiles to; `declsaga.inspection.plan()` returns it."""
 
     saga: type[Saga]
+    name: str  # the registered name: `class X(Saga, name=...)`, else module.QualName
+    fingerprint: str  # of the sequence, compensators and action names (durable execution)
     sequence: tuple[str, ...]  # the step names, sorted by order
     steps: tuple[ActionInfo, ...]  # in sequence order
     actions: tuple[ActionInfo, ...]  # every action, base classes' definitions first
@@ -93,6 +96,7 @@ class _Compiled:
     compensators: dict[str, str]
     functions: dict[str, Callable[..., object]]
     plan: SagaPlan
+    definition: Definition
 
 
 def compiled(saga_class: type) -> _Compiled | None:
@@ -151,7 +155,7 @@ def _collect(cls: type, namespace: Mapping[str, object]) -> list[_Entry]:
     return entries
 
 
-def _compile(cls: type[Saga], namespace: Mapping[str, object]) -> _Compiled:
+def _compile(cls: type[Saga], namespace: Mapping[str, object], saga_name: str) -> _Compiled:
     owner = cls.__qualname__
     entries = _collect(cls, namespace)
     by_name: dict[str, _Entry] = {}
@@ -198,7 +202,7 @@ def _compile(cls: type[Saga], namespace: Mapping[str, object]) -> _Compiled:
             )
         compensator_of[target] = entry
         compensators[target] = entry.name
-    return _freeze(cls, entries, compensators)
+    return _freeze(cls, saga_name, entries, compensators)
 
 
 def _unknown(target: str, entries: list[_Entry], cls: type) -> str:
@@ -212,7 +216,9 @@ def _unknown(target: str, entries: list[_Entry], cls: type) -> str:
     return text
 
 
-def _freeze(cls: type[Saga], entries: list[_Entry], compensators: dict[str, str]) -> _Compiled:
+def _freeze(
+    cls: type[Saga], saga_name: str, entries: list[_Entry], compensators: dict[str, str]
+) -> _Compiled:
     infos = {
         entry.name: ActionInfo(
             name=entry.name,
@@ -228,15 +234,18 @@ def _freeze(cls: type[Saga], entries: list[_Entry], compensators: dict[str, str]
     }
     steps = sorted((i for i in infos.values() if i.kind == "step"), key=lambda i: i.order or 0)
     sequence = tuple(info.name for info in steps)
+    definition = Definition.of(sequence, compensators, infos)
     plan = SagaPlan(
         saga=cls,
+        name=saga_name,
+        fingerprint=definition.fingerprint,
         sequence=sequence,
         steps=tuple(steps),
         actions=tuple(infos.values()),
         compensators=MappingProxyType(compensators),
     )
     functions = {name: info.function for name, info in infos.items()}
-    return _Compiled(sequence, compensators, functions, plan)
+    return _Compiled(sequence, compensators, functions, plan, definition)
 
 
 def _check_fields(cls: type) -> None:
@@ -301,7 +310,20 @@ class _SagaMeta(type):
                 "class attributes, e.g. x: int = attrs.field(default=0)",
             ) from None
         _check_fields(cls)
-        setattr(cls, _COMPILED, _compile(cast("type[Saga]", cls), namespace))
+        registered = options.get("name")
+        if registered is not None and (not isinstance(registered, str) or not registered.strip()):
+            raise definition_error(
+                qualname,
+                f"the name= class keyword must be a non-empty string, got {describe(registered)}",
+            )
+        saga_name = registered or f"{cls.__module__}.{qualname}"
+        plan = _compile(cast("type[Saga]", cls), namespace, saga_name)
+        conflict = register(
+            saga_name, cls, f"class {cls.__module__}.{qualname}", explicit=registered is not None
+        )
+        if conflict is not None:
+            raise definition_error(qualname, f"cannot register as {saga_name!r}: {conflict}")
+        setattr(cls, _COMPILED, plan)
         return cls
 
 

@@ -12,11 +12,15 @@ __all__ = [
     "CompensationTimeout",
     "DefinitionError",
     "EmptyActionName",
+    "EncodeError",
     "HandlerNotFound",
     "InvalidSetup",
     "MissingBus",
     "MissingRepository",
+    "RecordedError",
+    "SagaBusy",
     "SagaError",
+    "StoreError",
     "UsageError",
     "describe",
 ]
@@ -160,3 +164,49 @@ class AggregateNotFound(SagaError, LookupError):
         self.aggregate_type = aggregate_type
         self.aggregate_id = aggregate_id
         super().__init__(f"No {aggregate_type} aggregate with id {aggregate_id!r} is stored.")
+
+
+class StoreError(SagaError):
+    """The store failed or refused a file; the driver's error is the `__cause__`."""
+
+
+class SagaBusy(SagaError):
+    """Another live process (or thread) drives this saga."""
+
+    def __init__(self, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(f"Saga {saga_id!r} is being driven by another live process or thread.")
+
+
+class RecordedError(SagaError):
+    """A recorded error whose own class could not be rebuilt."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        super().__init__(f"{type_name}: {message}")
+
+
+STORABLE = (
+    "str, int, float, bool, None, list, tuple, dict, datetime, date, UUID, Decimal, Enum "
+    "and attrs instances"
+)
+
+
+class EncodeError(SagaError, TypeError):
+    """A field or result that the journal's codec cannot store."""
+
+    def __init__(self, what: str, action: str | None, type_name: str, detail: str = "") -> None:
+        self.what = what
+        self.action = action  # None: the saga's initial fields, before any action ran
+        self.type_name = type_name
+        self.detail = detail
+        subject = (
+            f"Action {action!r} left {what} holding"
+            if action
+            else f"The saga's initial {what} holds"
+        )
+        super().__init__(
+            f"{subject} a {type_name}, which the journal cannot store"
+            f"{f' ({detail})' if detail else ''}. It stores {STORABLE}."
+        )

@@ -19,7 +19,9 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _threads
+from ._codec import apply_fields
 from ._context import Context
+from ._dsl import Saga
 from ._engine import Compensate, Engine, Finish, RunStep, StartRollback
 from ._errors import ActionNotFound, CompensationTimeout, SagaError
 from ._journal import (
@@ -40,12 +42,14 @@ from ._loops import (
     close_loop,
     consume,
     finish_loop,
+    off_loop,
     unwrap,
     wait_uncancellable,
 )
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
+    from ._durable import DurableLog, Replay
     from ._setup import Action, Setup
 
 __all__ = ["Execution"]
@@ -63,11 +67,13 @@ class Execution:
         "_loop_thread",
         "_next_run",
         "_open",
+        "_replay",
         "_sealed",
         "command_bus",
         "compensate_timeout",
         "engine",
         "event_bus",
+        "log",
         "records",
         "repository",
         "saga_id",
@@ -84,6 +90,8 @@ class Execution:
         command_bus: CommandBus | None,
         compensate_timeout: float,
         loop: asyncio.AbstractEventLoop | None,
+        log: DurableLog | None = None,
+        replay: Replay | None = None,
     ) -> None:
         self.setup = setup
         self.saga_id = saga_id
@@ -100,9 +108,24 @@ class Execution:
         # The loop that async actions run on: the caller's under execute_async; under
         # execute a private one, created on first need and owned by the calling thread.
         self._loop = loop
-        self._loop_thread = threading.get_ident()
+        # Only a private loop has an owner thread. Under execute_async no thread owns the
+        # loop here: a durable execution is set up in a worker thread, which may later run
+        # a sync action whose blocking calls must go through the caller's loop.
+        self._loop_thread = threading.get_ident() if loop is None else None
         self._loop_closing = False  # set under _lock: the private loop takes no more work
-        self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
+        self.log = log  # with a store: where the journal goes
+        self._replay = replay  # resuming: what the stored journal recorded
+        if replay is None:
+            self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
+            return
+        for record in replay.records:
+            self.records.append(record)
+            self.engine.apply(record)
+            if type(record) is RunStarted:
+                self._open.add(record.run)
+                self._next_run = record.run + 1
+            elif type(record) is RunSucceeded or type(record) is RunFailed:
+                self._open.discard(record.run)
 
     # -- the journal -----------------------------------------------------------------------
 
@@ -111,6 +134,8 @@ class Execution:
             if not self._sealed:
                 self.records.append(record)
                 self.engine.apply(record)
+                if self.log is not None:
+                    self.log.add(record)
 
     @property
     def ended(self) -> bool:
@@ -137,21 +162,30 @@ class Execution:
             self.records.append(record)
             self.engine.apply(record)
             self._open.add(run)
+            if self.log is not None:
+                self.log.add(record)
             return run
 
-    def finish_run(self, run: int, result: object) -> None:
-        self._outcome(run, RunSucceeded(run, result, perf_counter()))
+    def finish_run(self, run: int, result: object) -> BaseException | None:
+        """Record a success; return the error it became if the journal cannot store it."""
+        recorded = self._outcome(run, RunSucceeded(run, result, perf_counter()))
+        return recorded.error if type(recorded) is RunFailed else None
 
     def fail_run(self, run: int, error: BaseException, *, at: float | None = None) -> None:
         self._outcome(run, RunFailed(run, error, perf_counter() if at is None else at))
 
-    def _outcome(self, run: int, record: RunSucceeded | RunFailed) -> None:
+    def _outcome(
+        self, run: int, record: RunSucceeded | RunFailed
+    ) -> RunSucceeded | RunFailed | None:
         with self._lock:
             if self._sealed or run not in self._open:
-                return  # a late or second outcome: the first one recorded stands
+                return None  # a late or second outcome: the first one recorded stands
             self._open.discard(run)
+            if self.log is not None:
+                record = self.log.outcome(record, self.engine.action_of(run))
             self.records.append(record)
             self.engine.apply(record)
+            return record
 
     def seal(self, decision: Finish) -> None:
         """Record the end; nothing is appended after it."""
@@ -160,6 +194,23 @@ class Execution:
             self.records.append(record)
             self.engine.apply(record)
             self._sealed = True
+            if self.log is not None:
+                self.log.add(record)
+
+    def commit(self) -> None:
+        """Make the journal durable so far; done before acting on what it records."""
+        if self.log is not None:
+            self.log.commit(self.engine.status)
+
+    async def commit_async(self) -> None:
+        """`commit` from the loop: the store's I/O (and its busy waits) run in a thread."""
+        if self.log is not None:
+            await off_loop(self.log.commit, self.engine.status)
+
+    def restore_fields(self, run: int) -> None:
+        """Before a run executes again: the fields as they were when it first started."""
+        if self._replay is not None and isinstance(self.setup, Saga):
+            apply_fields(self.setup, self._replay.fields_before[run])
 
     # -- calling actions -------------------------------------------------------------------
 
@@ -194,37 +245,70 @@ class Execution:
             raise
         return unwrap(captured)
 
-    def _nested(self, ctx: Context, name: str) -> tuple[Action, Context]:
+    def _nested(self, ctx: Context, name: str) -> tuple[Action, Context] | RunSucceeded | RunFailed:
+        """The run of `ctx.run(name)`: a new one, one to execute again, or a recorded outcome."""
         action = self.setup.action(name)
         if action is None:
             raise ActionNotFound(name, role=f"run by {ctx.action.name!r}")
         index = ctx._calls
         ctx._calls += 1
-        run = self.start_run(action.name, Role.CALL, parent=ctx._run, index=index)
-        return action, Context(self, action, run, abandonable=ctx._abandonable)
+        recorded = None if self._replay is None else self._replay.calls.get((ctx._run, index))
+        if recorded is None:
+            run = self.start_run(action.name, Role.CALL, parent=ctx._run, index=index)
+            return action, Context(self, action, run, abandonable=ctx._abandonable)
+        assert self._replay is not None
+        if self.engine.action_of(recorded) != action.name:
+            raise SagaError(
+                f"Saga {self.saga_id!r}: action {ctx.action.name!r} now runs {name!r} as its "
+                f"call number {index + 1}, where its journal recorded "
+                f"{self.engine.action_of(recorded)!r}; concurrent nested calls must start in a "
+                "deterministic order."
+            )
+        outcome = self._replay.outcomes.get(recorded)
+        if outcome is None:  # in flight at the crash: it runs again, under its own id
+            return action, Context(self, action, recorded, abandonable=ctx._abandonable)
+        if isinstance(self.setup, Saga):
+            apply_fields(self.setup, self._replay.fields_after[recorded])
+        return outcome
 
     def call_blocking(self, parent: Context, name: str) -> Any:
-        action, ctx = self._nested(parent, name)
+        found = self._nested(parent, name)
+        if isinstance(found, RunSucceeded | RunFailed):
+            return _recorded(found)
+        action, ctx = found
+        self.commit()
         try:
             result = self.invoke_blocking(action, ctx)
         except BaseException as error:
             self.fail_run(ctx._run, error)
+            self.commit()
             raise
         finally:
             ctx._closed = True
-        self.finish_run(ctx._run, result)
+        failure = self.finish_run(ctx._run, result)
+        self.commit()
+        if failure is not None:
+            raise failure
         return result
 
     async def call_async(self, parent: Context, name: str) -> Any:
-        action, ctx = self._nested(parent, name)
+        found = self._nested(parent, name)
+        if isinstance(found, RunSucceeded | RunFailed):
+            return _recorded(found)
+        action, ctx = found
+        await self.commit_async()
         try:
             result = await self.invoke_async(action, ctx, abandonable=ctx._abandonable)
         except BaseException as error:
             self.fail_run(ctx._run, error)
+            await self.commit_async()
             raise
         finally:
             ctx._closed = True
-        self.finish_run(ctx._run, result)
+        failure = self.finish_run(ctx._run, result)
+        await self.commit_async()
+        if failure is not None:
+            raise failure
         return result
 
     # -- event loops -----------------------------------------------------------------------
@@ -295,6 +379,7 @@ class Execution:
             if type(decision) is RunStep:
                 action = decision.action
                 run = self._step_run(decision)
+                self.commit()
                 ctx = Context(self, action, run)
                 try:
                     result = self.invoke_blocking(action, ctx)
@@ -318,6 +403,8 @@ class Execution:
                 run = self._step_run(decision)
                 ctx = Context(self, action, run)
                 try:
+                    # Inside the try: a cancellation while committing cancels the step.
+                    await self.commit_async()
                     result = await self.invoke_async(action, ctx, abandonable=False)
                 except asyncio.CancelledError as cancelled:
                     # Recorded only if the run has no real outcome yet (see invoke_async).
@@ -338,6 +425,7 @@ class Execution:
 
     def _step_run(self, decision: RunStep) -> int:
         if decision.run is not None:
+            self.restore_fields(decision.run)
             return decision.run
         return self.start_run(decision.action.name, Role.STEP)
 
@@ -361,6 +449,9 @@ class Execution:
                 continue
             if run is None:
                 run = self.start_run(action.name, Role.COMPENSATION, target=decision.target)
+            else:
+                self.restore_fields(run)
+            await self.commit_async()
             ctx = Context(self, action, run, abandonable=True)
             begin = perf_counter()
             # Captured: a KeyboardInterrupt or SystemExit would otherwise escape the
@@ -390,3 +481,10 @@ class Execution:
         assert type(decision) is Finish, decision
         self.seal(decision)
         return decision
+
+
+def _recorded(outcome: RunSucceeded | RunFailed) -> Any:
+    """What a nested call recorded before a crash returns, or raises, when replayed."""
+    if isinstance(outcome, RunFailed):
+        raise outcome.error
+    return outcome.result

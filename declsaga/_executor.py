@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import math
 import uuid
 from asyncio import events
@@ -11,17 +13,24 @@ from datetime import timedelta
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
-from ._errors import CompensationFailed, SagaError, UsageError, describe
+from ._durable import identify
+from ._errors import CompensationFailed, SagaBusy, SagaError, StoreError, UsageError, describe
 from ._execution import Execution
-from ._journal import Status
-from ._report import Report, build_report
+from ._journal import SagaEnded, Status
+from ._loops import off_loop
+from ._report import Recovered, Report, build_report
 from ._setup import Setup, check_setup, validate
+from ._stored import Ended, open_saga, resolve
+from .stores._base import FINAL_STATUSES, Claim, Store
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
+    from ._durable import DurableLog, Replay
     from ._engine import Finish
 
-__all__ = ["DEFAULT_COMPENSATE_TIMEOUT", "Executor", "execute"]
+logger = logging.getLogger("declsaga")
+
+__all__ = ["DEFAULT_COMPENSATE_TIMEOUT", "Executor", "execute", "outcome_error"]
 
 DEFAULT_COMPENSATE_TIMEOUT: Final = 10.0
 
@@ -45,7 +54,11 @@ def _seconds(timeout: object) -> float:
 
 
 class Executor:
-    """Runs setups. Holds configuration only, so one executor may run many sagas at once."""
+    """Runs setups. Holds configuration only, so one executor may run many sagas at once.
+
+    With a `store`, every execution is durable: its journal is committed as it goes, and
+    `recover()` finishes the sagas of processes that died.
+    """
 
     __slots__ = (
         "_command_bus",
@@ -54,6 +67,7 @@ class Executor:
         "_reporter",
         "_repository",
         "_skip_validation",
+        "_store",
     )
 
     def __init__(
@@ -65,24 +79,29 @@ class Executor:
         reporter: Reporter | None = None,
         compensate_timeout: float | timedelta = DEFAULT_COMPENSATE_TIMEOUT,
         skip_validation: bool = False,
+        store: Store | None = None,
     ) -> None:
         if reporter is not None and not callable(reporter):
             raise UsageError(
                 f"reporter must be a callable taking a Report, got {describe(reporter)}."
             )
+        if store is not None and not isinstance(store, Store):
+            raise UsageError(f"store must be a declsaga store, got {describe(store)}.")
         self._repository = repository
         self._event_bus = event_bus
         self._command_bus = command_bus
         self._reporter = reporter
         self._compensate_timeout = _seconds(compensate_timeout)
         self._skip_validation = bool(skip_validation)
+        self._store = store
 
     def __repr__(self) -> str:
-        return f"<Executor compensate_timeout={self._compensate_timeout:g}s>"
+        store = "" if self._store is None else f" store={self._store!r}"
+        return f"<Executor compensate_timeout={self._compensate_timeout:g}s{store}>"
 
-    def _prepare(
-        self, setup: object, saga_id: str | None, api: str, loop: asyncio.AbstractEventLoop | None
-    ) -> Execution:
+    # -- running a saga --------------------------------------------------------------------
+
+    def _checked(self, setup: object, saga_id: str | None, api: str) -> tuple[Setup, str]:
         checked = check_setup(setup, api)
         if saga_id is None:
             saga_id = str(uuid.uuid4())
@@ -90,14 +109,26 @@ class Executor:
             raise UsageError(f"saga_id must be a non-empty string, got {describe(saga_id)}.")
         if not self._skip_validation:
             validate(checked)
+        return checked, saga_id
+
+    def _execution(
+        self,
+        setup: Setup,
+        saga_id: str,
+        loop: asyncio.AbstractEventLoop | None,
+        log: DurableLog | None = None,
+        replay: Replay | None = None,
+    ) -> Execution:
         return Execution(
-            checked,
+            setup,
             saga_id,
             repository=self._repository,
             event_bus=self._event_bus,
             command_bus=self._command_bus,
             compensate_timeout=self._compensate_timeout,
             loop=loop,
+            log=log,
+            replay=replay,
         )
 
     def execute(self, setup: Setup, *, saga_id: str | None = None) -> Report:
@@ -107,29 +138,82 @@ class Executor:
                 "execute() blocks, but it was called from a running event loop: "
                 "use 'await executor.execute_async(...)' instead."
             )
-        execution = self._prepare(setup, saga_id, "execute", None)
+        checked, saga_id = self._checked(setup, saga_id, "execute")
+        if self._store is None:
+            return self._raise(self._drive(self._execution(checked, saga_id, None)))
+        store = self._store
+        identity = identify(checked)
+        claim = store.claim(saga_id)
+        if claim is None:
+            raise SagaBusy(saga_id)
+        try:
+            build = functools.partial(self._resumed, saga_id, None)
+            opened = open_saga(store, claim, checked, identity, build)
+            if isinstance(opened, Ended):
+                return self._raise(_recorded(opened))
+            return self._raise(self._drive(opened))
+        finally:
+            store.release(claim)
+
+    async def execute_async(self, setup: Setup, *, saga_id: str | None = None) -> Report:
+        """Run `setup` to its end from asyncio code; return the report or raise."""
+        loop = asyncio.get_running_loop()
+        checked, saga_id = self._checked(setup, saga_id, "execute_async")
+        if self._store is None:
+            return self._raise(await self._drive_async(self._execution(checked, saga_id, loop)))
+        store = self._store
+        identity = identify(checked)
+        claim = await off_loop(store.claim, saga_id)
+        if claim is None:
+            raise SagaBusy(saga_id)
+        try:
+            build = functools.partial(self._resumed, saga_id, loop)
+            opened = await off_loop(open_saga, store, claim, checked, identity, build)
+            if isinstance(opened, Ended):
+                return self._raise(_recorded(opened))
+            return self._raise(await self._drive_async(opened))
+        finally:
+            await off_loop(store.release, claim)
+
+    def _resumed(
+        self,
+        saga_id: str,
+        loop: asyncio.AbstractEventLoop | None,
+        setup: Setup,
+        log: DurableLog,
+        replay: Replay | None,
+    ) -> Execution:
+        return self._execution(setup, saga_id, loop, log, replay)
+
+    def _drive(self, execution: Execution) -> tuple[Report, BaseException | None]:
         try:
             execution.forward_blocking()
             if execution.engine.status is Status.COMPENSATING:
                 # Sync compensators run in worker threads so the budget can abandon them.
                 execution.block_on(execution.rollback())
+            decision = execution.finish()
+            execution.commit()
         finally:
             execution.close_private_loop()
-        return self._conclude(execution, None)
+        return self._conclude(execution, decision, None)
 
-    async def execute_async(self, setup: Setup, *, saga_id: str | None = None) -> Report:
-        """Run `setup` to its end from asyncio code; return the report or raise."""
-        execution = self._prepare(setup, saga_id, "execute_async", asyncio.get_running_loop())
+    async def _drive_async(self, execution: Execution) -> tuple[Report, BaseException | None]:
         await execution.forward_async()
         late_cancel = None
         if execution.engine.status is Status.COMPENSATING:
             late_cancel = await _shielded(execution.rollback())
-        return self._conclude(execution, late_cancel)
-
-    def _conclude(self, execution: Execution, late_cancel: asyncio.CancelledError | None) -> Report:
-        """Seal the journal, report once, and return or raise the outcome."""
         decision = execution.finish()
-        raised = _outcome_error(decision, late_cancel)
+        try:
+            await execution.commit_async()
+        except asyncio.CancelledError as cancelled:  # the commit itself was waited for
+            late_cancel = cancelled
+        return self._conclude(execution, decision, late_cancel)
+
+    def _conclude(
+        self, execution: Execution, decision: Finish, late_cancel: asyncio.CancelledError | None
+    ) -> tuple[Report, BaseException | None]:
+        """Report once; return the report and what the execution raises."""
+        raised = outcome_error(decision, late_cancel)
         report = build_report(execution.records, raised, perf_counter())
         if self._reporter is not None:
             try:
@@ -140,12 +224,106 @@ class Executor:
                     raise raised  # noqa: B904
                 reporter_error.__context__ = raised
                 raise
+        return report, raised
+
+    @staticmethod
+    def _raise(outcome: tuple[Report, BaseException | None]) -> Report:
+        report, raised = outcome
         if raised is not None:
             raise raised
         return report
 
+    # -- recovery --------------------------------------------------------------------------
 
-def _outcome_error(
+    def _recovery_store(self) -> Store:
+        if self._store is None:
+            raise UsageError("recover() needs an executor with a store: Executor(store=...).")
+        return self._store
+
+    def recover(self) -> list[Recovered]:
+        """Finish every unfinished saga of the store that no live process drives."""
+        if events._get_running_loop() is not None:
+            raise SagaError(
+                "recover() blocks, but it was called from a running event loop: "
+                "use 'await executor.recover_async()' instead."
+            )
+        store = self._recovery_store()
+        recovered = []
+        for saga_id in store.unfinished():
+            claim = store.claim(saga_id)
+            if claim is None:
+                continue  # a live process drives it
+            try:
+                opened = self._reopen(store, claim, None)
+                if isinstance(opened, Execution):
+                    recovered.append(_recovered(opened, self._drive(opened)))
+                elif opened is not None:
+                    recovered.append(opened)
+            finally:
+                store.release(claim)
+        return recovered
+
+    async def recover_async(self) -> list[Recovered]:
+        """`recover()` from asyncio code."""
+        store = self._recovery_store()
+        loop = asyncio.get_running_loop()
+        recovered = []
+        for saga_id in await off_loop(store.unfinished):
+            claim = await off_loop(store.claim, saga_id)
+            if claim is None:
+                continue
+            try:
+                opened = await off_loop(self._reopen, store, claim, loop)
+                if isinstance(opened, Execution):
+                    recovered.append(_recovered(opened, await self._drive_async(opened)))
+                elif opened is not None:
+                    recovered.append(opened)
+            finally:
+                await off_loop(store.release, claim)
+        return recovered
+
+    def _reopen(
+        self, store: Store, claim: Claim, loop: asyncio.AbstractEventLoop | None
+    ) -> Execution | Recovered | None:
+        """A claimed unfinished saga, ready to drive; or why not (None: finished meanwhile)."""
+        stored = store.load(claim.saga_id)
+        if stored is None or stored.status in FINAL_STATUSES:
+            return None
+        name = stored.header.name
+        resolved = resolve(stored)
+        if isinstance(resolved, str):
+            logger.warning("%s", resolved)
+            return Recovered(claim.saga_id, name, stored.status, None, None, resolved)
+        setup, identity = resolved
+        build = functools.partial(self._resumed, claim.saga_id, loop)
+        try:
+            opened = open_saga(store, claim, setup, identity, build, stored=stored)
+        except StoreError as error:
+            # Given `stored`, open_saga does no I/O: its journal cannot be decoded here.
+            # Refused like an unknown definition, so the other sagas are still recovered.
+            refused = f"{error} It is left untouched."
+            logger.warning("%s", refused)
+            return Recovered(claim.saga_id, name, stored.status, None, None, refused)
+        assert isinstance(opened, Execution)  # it was unfinished when loaded under the claim
+        return opened
+
+
+def _recovered(execution: Execution, outcome: tuple[Report, BaseException | None]) -> Recovered:
+    report, error = outcome
+    name = execution.log.name if execution.log is not None else ""
+    status = execution.engine.status.value
+    return Recovered(execution.saga_id, name, status, report, error)
+
+
+def _recorded(ended: Ended) -> tuple[Report, BaseException | None]:
+    """The outcome of a saga that ended before: its report, and what it raised."""
+    raised = outcome_error(ended.decision, None)
+    last = ended.replay.records[-1]
+    assert type(last) is SagaEnded
+    return build_report(ended.replay.records, raised, last.at), raised
+
+
+def outcome_error(
     decision: Finish, late_cancel: asyncio.CancelledError | None
 ) -> BaseException | None:
     """What the execution raises: the action's own error, or the rollback's failure."""

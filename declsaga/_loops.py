@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
+from . import _threads
+
 __all__ = [
     "Outcome",
     "as_coroutine",
@@ -23,6 +25,7 @@ __all__ = [
     "close_loop",
     "consume",
     "finish_loop",
+    "off_loop",
     "unwrap",
     "wait_uncancellable",
 ]
@@ -116,3 +119,22 @@ def consume(future: asyncio.Future[Any] | Future[Any]) -> None:
     """Mark an abandoned future's outcome as seen: it was discarded on purpose."""
     if not future.cancelled():
         future.exception()
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread, for blocking I/O (a store commit) from the loop.
+
+    Waited for even if the caller is cancelled meanwhile, so that a commit is never left
+    half-known; the cancellation then propagates.
+    """
+    waiter = asyncio.wrap_future(_threads.submit(capture, fn, *args))
+    cancelled: asyncio.CancelledError | None = None
+    while not waiter.done():
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError as error:
+            cancelled = error
+    outcome = unwrap(waiter.result())
+    if cancelled is not None:
+        raise cancelled
+    return cast(T, outcome)

@@ -9,7 +9,7 @@ import attrs
 
 from ._journal import Record, Role, RunFailed, RunStarted, RunSucceeded, SagaStarted
 
-__all__ = ["ActionRun", "Report", "build_report"]
+__all__ = ["ActionRun", "Recovered", "Report", "build_report"]
 
 
 @attrs.frozen(eq=False)
@@ -47,6 +47,18 @@ class Report:
         return tuple(
             run for run in self.runs if run.error is None and run.compensated_by is not None
         )
+
+
+@attrs.frozen(eq=False)
+class Recovered:
+    """What `recover()` did with one unfinished saga: finished it, or refused to."""
+
+    saga_id: str
+    name: str  # the registered name of its definition
+    status: str  # its status now: completed, compensated, failed, or unchanged if refused
+    report: Report | None  # None when refused
+    error: BaseException | None  # what executing it raised, as `execute` would have
+    refused: str | None = None  # why it was left untouched
 
 
 def build_report(records: Iterable[Record], error: BaseException | None, end_at: float) -> Report:

@@ -11,11 +11,21 @@ from typing import TYPE_CHECKING, Protocol, cast, final, runtime_checkable
 import attrs
 
 from ._errors import ActionNotFound, EmptyActionName, UsageError, describe
+from ._registry import Definition, register
 
 if TYPE_CHECKING:
     from ._context import Context
 
-__all__ = ["Action", "ActionFn", "Setup", "check_setup", "is_async_callable", "new", "validate"]
+__all__ = [
+    "Action",
+    "ActionFn",
+    "FunctionalSetup",
+    "Setup",
+    "check_setup",
+    "is_async_callable",
+    "new",
+    "validate",
+]
 
 ActionFn = Callable[["Context"], object]
 
@@ -79,20 +89,23 @@ class Setup(Protocol):
 
 
 @final
-class _FunctionalSetup:
+class FunctionalSetup:
     """The immutable setup that `new()` returns."""
 
-    __slots__ = ("_actions", "_compensators", "_sequence")
+    __slots__ = ("_actions", "_compensators", "_sequence", "definition", "name")
 
     def __init__(
         self,
         actions: Mapping[str, Action],
         sequence: tuple[str, ...],
         compensators: Mapping[str, str],
+        name: str | None,
     ) -> None:
         self._actions = actions
         self._sequence = sequence
         self._compensators = compensators
+        self.name = name  # the registered name, for durable execution
+        self.definition = Definition.of(sequence, compensators, actions)
 
     def sequence(self) -> Sequence[str]:
         return self._sequence
@@ -161,8 +174,13 @@ def new(
     sequence: Iterable[str] | None = None,
     start_with: str | None = None,
     compensators: Mapping[str, str | None] | None = None,
+    name: str | None = None,
 ) -> Setup:
-    """Build an immutable `Setup` by hand, with goes' sequence precedence."""
+    """Build an immutable `Setup` by hand, with goes' sequence precedence.
+
+    `name` registers the setup under that name, so that a durable executor can find it
+    again after a crash.
+    """
     collected = _collect_actions(actions)
     explicit = _collect_sequence(sequence)
     if start_with is not None:
@@ -176,9 +194,20 @@ def new(
         ordered = (start_with,)
     else:
         ordered = (next(iter(collected)),)
-    return _FunctionalSetup(
-        MappingProxyType(collected), ordered, MappingProxyType(compensator_names)
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise UsageError(f"name must be a non-empty string, got {describe(name)}.")
+    setup = FunctionalSetup(
+        MappingProxyType(collected), ordered, MappingProxyType(compensator_names), name
     )
+    if name is not None:
+        fingerprint = setup.definition.fingerprint
+        conflict = register(name, setup, f"a setup with fingerprint {fingerprint}", explicit=True)
+        if conflict is not None:
+            raise UsageError(
+                f"new(name={name!r}) cannot register this setup (fingerprint {fingerprint}): "
+                f"{conflict}; give it another name."
+            )
+    return setup
 
 
 # Classes whose instances are known to be setups: a protocol isinstance() check costs

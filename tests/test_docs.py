@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -31,46 +30,89 @@ def test_readme_blocks_run_in_order(capsys: pytest.CaptureFixture[str]) -> None:
     assert "1" in printed
 
 
-def test_place_order_example(capsys: pytest.CaptureFixture[str]) -> None:
-    module = runpy.run_path(str(ROOT / "examples" / "place_order.py"), run_name="example")
-    ledger_ok = module["place"]("o-1", carrier_up=True)
-    assert ledger_ok == [
-        "inventory: reserved 1 x book-42",
-        "payments: charged 2500 cents",
-        "shipping: shipped o-1",
-    ]
-    ledger_failed = module["place"]("o-2", carrier_up=False)
-    assert ledger_failed == [
-        "inventory: reserved 1 x book-42",
-        "payments: charged 2500 cents",
-        "payments: refunded ch-1",
-        "inventory: released res-1",
-    ]
-    out = capsys.readouterr().out
-    run_lines = [line.split()[0:2] for line in out.splitlines() if line.startswith("   ")]
-    assert ["ship", "run"] in run_lines
-    assert ["refund_card", "compensation"] in run_lines
-    assert "-> rolled back after CarrierUnavailable" in out
-
-
-def test_demo_runs_as_a_script() -> None:
+def demo_output() -> str:
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "place_order.py")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    lines = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("   ")]
-    # The failing order: steps, the failed ship, then the compensations newest first.
-    failed_order = lines[lines.index("reserve_stock", 3) :]
-    assert failed_order[:6] == [
-        "reserve_stock",
-        "audit",
-        "charge_card",
-        "ship",
-        "refund_card",
-        "release_stock",
+    return result.stdout
+
+
+def section(output: str, title: str) -> list[str]:
+    """The lines of one `== ...` section of the demo's output."""
+    lines = output.split("\n== ")
+    found = [part for part in lines if part.startswith(title)]
+    assert len(found) == 1, (title, output)
+    return found[0].splitlines()[1:]
+
+
+def services_said(lines: list[str]) -> list[tuple[str, str]]:
+    """(pid, what) for the lines the in-memory services printed."""
+    said = []
+    for line in lines:
+        if line.startswith("   [pid "):
+            pid, _, what = line.removeprefix("   [pid ").partition("] ")
+            said.append((pid, what))
+    return said
+
+
+def test_demo_completes_rolls_back_and_recovers_after_sigkill() -> None:
+    output = demo_output()
+
+    ok = section(output, "order o-1")
+    assert [what for _, what in services_said(ok)] == [
+        "inventory: reserved 1 x book-42",
+        "payments: charged 2500 cents",
+        "shipping: calling the carrier for o-1 (key order-o-1/3)",
+        "shipping: shipped o-1",
     ]
+    assert ok[-1] == "-> completed: tracking number trk-7"
+
+    rolled_back = section(output, "order o-2")
+    assert [what for _, what in services_said(rolled_back)] == [
+        "inventory: reserved 1 x book-42",
+        "payments: charged 2500 cents",
+        "shipping: calling the carrier for o-2 (key order-o-2/3)",
+        "payments: refunded ch-1",
+        "inventory: released res-1",
+    ]
+    runs = [
+        line.split()[:2] for line in rolled_back if line.startswith("   ") and "[pid" not in line
+    ]
+    assert runs == [
+        ["reserve_stock", "run"],
+        ["audit", "run"],
+        ["charge_card", "run"],
+        ["ship", "run"],
+        ["refund_card", "compensation"],
+        ["release_stock", "compensation"],
+    ]
+
+    crashed = section(output, "order o-3")
+    said = services_said(crashed)
+    assert [what for _, what in said] == [
+        "inventory: reserved 1 x book-42",
+        "payments: charged 2500 cents",
+        "shipping: calling the carrier for o-3 (key order-o-3/3)",
+    ]
+    assert any("killed with SIGKILL in the middle of 'ship'" in line for line in crashed)
+    assert "   journal of order-o-3 (status running):" in crashed
+    assert crashed[-1].split() == ["run_started", "run=3", "action=ship", "role=step"]
+
+    recovered = section(output, "a new process recovers")
+    said_after = services_said(recovered)
+    # Only the step in flight runs again, in another process, with the same key.
+    assert [what for _, what in said_after] == [
+        "shipping: calling the carrier for o-3 (key order-o-3/3)",
+        "shipping: shipped o-3",
+    ]
+    assert {pid for pid, _ in said_after}.isdisjoint({pid for pid, _ in said})
+    assert "-> recovered order-o-3: completed (completed)" in recovered
+    assert "   journal of order-o-3 (status completed):" in recovered
+    assert recovered[-2].split() == ["run_succeeded", "run=3", "tracking='trk-7'"]
+    assert recovered[-1].split() == ["saga_ended", "status=completed"]

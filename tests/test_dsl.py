@@ -542,9 +542,9 @@ def test_a_class_is_compiled_once_and_never_again(monkeypatch: pytest.MonkeyPatc
     body_runs: list[str] = []
     real_compile = dsl._compile
 
-    def counting(cls: type[Saga], namespace: Any) -> Any:
+    def counting(cls: type[Saga], namespace: Any, saga_name: str) -> Any:
         compiled.append(cls)
-        return real_compile(cls, namespace)
+        return real_compile(cls, namespace, saga_name)
 
     monkeypatch.setattr(dsl, "_compile", counting)
 
@@ -593,7 +593,7 @@ def test_saga_itself_is_not_instantiable() -> None:
 def test_unknown_class_keywords_are_an_error() -> None:
     with raises(
         "Saga test_unknown_class_keywords_are_an_error.<locals>.Bad: unknown class keyword "
-        "argument flavour='x'; accepted: none."
+        "argument flavour='x'; accepted: name."
     ):
 
         class Bad(Saga, flavour="x"):

@@ -16,11 +16,15 @@ from declsaga import (
     CompensationTimeout,
     DefinitionError,
     EmptyActionName,
+    EncodeError,
     HandlerNotFound,
     InvalidSetup,
     MissingBus,
     MissingRepository,
+    RecordedError,
+    SagaBusy,
     SagaError,
+    StoreError,
     UsageError,
 )
 
@@ -36,6 +40,10 @@ HIERARCHY: list[tuple[type[BaseException], tuple[type[BaseException], ...]]] = [
     (HandlerNotFound, (SagaError, LookupError)),
     (AggregateNotFound, (SagaError, LookupError)),
     (UsageError, (SagaError, TypeError)),
+    (StoreError, (SagaError,)),
+    (SagaBusy, (SagaError,)),
+    (RecordedError, (SagaError,)),
+    (EncodeError, (SagaError, TypeError)),
     (SagaError, (Exception,)),
 ]
 
@@ -64,6 +72,11 @@ def examples() -> list[SagaError]:
         HandlerNotFound("ship"),
         AggregateNotFound("Order", "o-1"),
         UsageError("bad"),
+        StoreError("The store failed."),
+        SagaBusy("order-1"),
+        RecordedError("shop.Declined", "card 4242 declined"),
+        EncodeError("field items[2]", "reserve", "builtins.set", "sets are not stored"),
+        EncodeError("field when", None, "builtins.object"),
     ]
 
 
@@ -79,6 +92,15 @@ MESSAGES = [
     "No handler is registered for command 'ship'.",
     "No Order aggregate with id 'o-1' is stored.",
     "bad",
+    "The store failed.",
+    "Saga 'order-1' is being driven by another live process or thread.",
+    "shop.Declined: card 4242 declined",
+    "Action 'reserve' left field items[2] holding a builtins.set, which the journal cannot "
+    "store (sets are not stored). It stores str, int, float, bool, None, list, tuple, dict, "
+    "datetime, date, UUID, Decimal, Enum and attrs instances.",
+    "The saga's initial field when holds a builtins.object, which the journal cannot store. "
+    "It stores str, int, float, bool, None, list, tuple, dict, datetime, date, UUID, Decimal, "
+    "Enum and attrs instances.",
 ]
 
 

@@ -1,0 +1,91 @@
+"""Saga definitions by name, so that a stored saga can be found again after a crash.
+
+A definition is a `Saga` subclass or a named `new()` setup. Its fingerprint covers what
+recovery depends on (the sequence, each action's compensator, the set of action names),
+not the code and not the fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+__all__ = ["Definition", "lookup", "register"]
+
+
+@attrs.frozen
+class Definition:
+    """The shape of a saga definition that its stored journals rely on."""
+
+    sequence: tuple[str, ...]
+    compensators: tuple[tuple[str, str], ...]  # sorted (action, compensator) pairs
+    actions: tuple[str, ...]  # sorted
+
+    @classmethod
+    def of(
+        cls, sequence: Iterable[str], compensators: Mapping[str, str], actions: Iterable[str]
+    ) -> Definition:
+        return cls(
+            tuple(sequence),
+            tuple(sorted((name, comp) for name, comp in compensators.items() if comp)),
+            tuple(sorted(actions)),
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sequence": list(self.sequence),
+            "compensators": dict(self.compensators),
+            "actions": list(self.actions),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.as_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def differences(self, stored: Mapping[str, Any]) -> str:
+        """What changed between a stored definition (as_json) and this one, in words."""
+        now = self.as_json()
+        changes = []
+        if list(stored.get("sequence", [])) != now["sequence"]:
+            changes.append(f"sequence {stored.get('sequence')} became {now['sequence']}")
+        old_comps = dict(stored.get("compensators", {}))
+        if old_comps != now["compensators"]:
+            changes.append(f"compensators {old_comps} became {now['compensators']}")
+        old_actions, new_actions = set(stored.get("actions", [])), set(now["actions"])
+        if removed := sorted(old_actions - new_actions):
+            changes.append(f"actions removed: {', '.join(removed)}")
+        if added := sorted(new_actions - old_actions):
+            changes.append(f"actions added: {', '.join(added)}")
+        return "; ".join(changes) or "the stored definition is unreadable"
+
+
+_lock = threading.Lock()
+_definitions: dict[str, tuple[object, str]] = {}  # name -> (definition, identity)
+
+
+def register(name: str, definition: object, identity: str, *, explicit: bool) -> str | None:
+    """Register `definition` under `name`; return why not, if another one holds the name.
+
+    `identity` tells a re-run of the same definition (a reload, a class statement run
+    again in a test) from a different one: the first silently replaces the old entry. A
+    default name is always replaced: it can only clash with a re-run.
+    """
+    with _lock:
+        current = _definitions.get(name)
+        if explicit and current is not None and current[1] != identity:
+            return f"the name {name!r} is already registered by {current[1]}"
+        _definitions[name] = (definition, identity)
+        return None
+
+
+def lookup(name: str) -> object | None:
+    """The definition registered under `name`, or None."""
+    with _lock:
+        found = _definitions.get(name)
+    return None if found is None else found[0]

@@ -1,0 +1,139 @@
+"""SQLite's SQL: the schema as numbered migrations, and the statements the store runs.
+
+Migration N takes a database to version N. A database records the version it is at in
+`declsaga_schema`; opening one applies the migrations it lacks, in one write
+transaction. Released migrations are never edited: a change to the schema is a new
+migration at the end of the tuple, and the statements below change with it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from declsaga._errors import StoreError
+
+__all__ = [
+    "ALL",
+    "ALL_JOURNALS",
+    "APPEND",
+    "COUNT",
+    "CREATE",
+    "JOURNALS_WITH_STATUS",
+    "LATEST",
+    "LOAD",
+    "LOAD_JOURNAL",
+    "MIGRATIONS",
+    "SET_STATUS",
+    "UNFINISHED",
+    "WITH_STATUS",
+    "migrate",
+    "schema_version",
+]
+
+_OBJECTS = "SELECT type, name FROM sqlite_master"
+_VERSION_TABLE = "declsaga_schema"
+_CREATE_VERSION_TABLE = f"CREATE TABLE IF NOT EXISTS {_VERSION_TABLE} (version INTEGER NOT NULL)"
+_READ_VERSION = f"SELECT max(version) FROM {_VERSION_TABLE}"
+_CLEAR_VERSION = f"DELETE FROM {_VERSION_TABLE}"
+_WRITE_VERSION = f"INSERT INTO {_VERSION_TABLE} (version) VALUES (?)"
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: sagas and their journals.
+    (
+        # One row per saga, written with its first commit and touched again only when the
+        # status changes, so that a step costs one INSERT into the journal.
+        # `updated` is when the status last changed; the time of the last commit is the
+        # `at` of the saga's last journal row.
+        """
+        CREATE TABLE sagas (
+            saga_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            definition TEXT NOT NULL,
+            fields TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )
+        """,
+        # unfinished() and sagas(status) read by status, oldest first.
+        "CREATE INDEX sagas_by_status ON sagas (status, created)",
+        # One row per commit: its entries as one JSON array. WITHOUT ROWID stores the rows
+        # in primary-key order, so a saga's journal is one contiguous range.
+        """
+        CREATE TABLE journal (
+            saga_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            entries TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (saga_id, seq)
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
+LATEST = len(MIGRATIONS)
+
+# The hot path: one statement per commit. It inserts only if the commit is the saga's
+# next one: a repeat hits the primary key (ignored), a gap finds no predecessor, so
+# rowcount 0 means a conflict and nothing was written. Rows are only ever appended after
+# their predecessor, so every journal is 0..n-1 and seq == n is checked in O(log n).
+APPEND = """
+    INSERT OR IGNORE INTO journal (saga_id, seq, entries, at)
+    SELECT ?1, ?2, ?3, ?4
+    WHERE ?2 = 0 OR EXISTS (SELECT 1 FROM journal WHERE saga_id = ?1 AND seq = ?2 - 1)
+"""
+CREATE = """
+    INSERT INTO sagas (saga_id, name, fingerprint, definition, fields, status, created, updated)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+SET_STATUS = "UPDATE sagas SET status = ?, updated = ? WHERE saga_id = ?"
+COUNT = "SELECT count(*) FROM journal WHERE saga_id = ?"
+
+_SAGA_COLUMNS = "saga_id, name, fingerprint, definition, fields, status, created"
+LOAD = f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?"
+LOAD_JOURNAL = "SELECT entries, at FROM journal WHERE saga_id = ? ORDER BY seq"
+# rowid breaks ties between sagas created within one clock tick: creation order.
+UNFINISHED = """
+    SELECT saga_id FROM sagas WHERE status IN ('running', 'compensating')
+    ORDER BY created, rowid
+"""
+ALL = f"SELECT {_SAGA_COLUMNS} FROM sagas ORDER BY created, rowid"
+ALL_JOURNALS = "SELECT saga_id, entries, at FROM journal ORDER BY saga_id, seq"
+WITH_STATUS = f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE status = ? ORDER BY created, rowid"
+JOURNALS_WITH_STATUS = """
+    SELECT j.saga_id, j.entries, j.at FROM journal AS j JOIN sagas AS s USING (saga_id)
+    WHERE s.status = ? ORDER BY j.saga_id, j.seq
+"""
+
+
+def schema_version(connection: sqlite3.Connection, path: str) -> int:
+    """The database's schema version, 0 for an empty one, read without writing: a
+    StoreError for a database that is not declsaga's or comes from a newer declsaga."""
+    objects = connection.execute(_OBJECTS).fetchall()
+    if not any(name == _VERSION_TABLE for _, name in objects):
+        if objects:
+            raise StoreError(
+                f"The database {path} is not a declsaga database (it has no "
+                f"{_VERSION_TABLE} table); it was left unchanged."
+            )
+        return 0
+    version = connection.execute(_READ_VERSION).fetchone()[0] or 0
+    if version > LATEST:
+        raise StoreError(
+            f"The database {path} has schema version {version}, from a newer declsaga; "
+            f"this one knows versions up to {LATEST}. It was left unchanged."
+        )
+    return int(version)
+
+
+def migrate(connection: sqlite3.Connection, path: str) -> None:
+    """Bring the database to the latest version; call inside a write transaction."""
+    # Read again under the write lock: another process may have migrated meanwhile.
+    version = schema_version(connection, path)
+    connection.execute(_CREATE_VERSION_TABLE)
+    for statements in MIGRATIONS[version:]:
+        for statement in statements:
+            connection.execute(statement)
+    connection.execute(_CLEAR_VERSION)
+    connection.execute(_WRITE_VERSION, (LATEST,))
