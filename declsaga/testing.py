@@ -1,4 +1,5 @@
-"""The public test kit: the behavioural suite that every store passes.
+"""The public test kit: the behavioural suite that every store passes, and
+`CrashingStore`, which kills its process at a chosen commit for crash-recovery tests.
 
 Subclass `StoreConformance` in a test module and give it a `store` fixture; every test
 of the contract then runs against your store::
@@ -9,9 +10,9 @@ of the contract then runs against your store::
             with MyStore(tmp_path / "sagas") as store:
                 yield store
 
-A store whose objects share their data (a file, a server) also overrides
-`second_store` to open another object on the same data; the tests that need it are
-skipped otherwise.
+A store whose objects share their data (a file, a server) subclasses
+`SharedStoreConformance` instead, and also gives a `second_store` fixture that opens
+another object on the same data.
 
 This module imports pytest, a test dependency: import it from tests only. Importing
 `declsaga` itself never imports it.
@@ -20,16 +21,19 @@ This module imports pytest, a test dependency: import it from tests only. Import
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
 import threading
 import time
+from typing import Any, Literal
 
 import pytest
 
 from declsaga._errors import StoreError
-from declsaga.stores._base import JSON, Claim, Commit, SagaHeader, Store
+from declsaga.stores._base import JSON, Claim, Commit, SagaHeader, Store, StoredSaga
 
-__all__ = ["StoreConformance"]
+__all__ = ["CrashingStore", "SharedStoreConformance", "StoreConformance"]
 
 
 def _header(saga_id: str) -> SagaHeader:
@@ -82,10 +86,6 @@ class StoreConformance:
     @pytest.fixture
     def store(self) -> Store:
         raise NotImplementedError("A StoreConformance subclass provides the store fixture.")
-
-    @pytest.fixture
-    def second_store(self, store: Store) -> Store:
-        pytest.skip("this store's objects do not share their data")
 
     def test_is_a_store(self, store: Store) -> None:
         assert isinstance(store, Store)
@@ -397,7 +397,18 @@ class StoreConformance:
         with pytest.raises(StoreError, match=r"\bclosed\.$"):
             store.append(claim, Commit(1, ("a",)))
 
-    # -- a second store object on the same data -------------------------------------------
+
+class SharedStoreConformance(StoreConformance):
+    """The contract of stores whose objects share their data (a file, a server).
+
+    Subclasses also provide `second_store`: another store object on the same data.
+    """
+
+    @pytest.fixture
+    def second_store(self) -> Store:
+        raise NotImplementedError(
+            "A SharedStoreConformance subclass provides the second_store fixture."
+        )
 
     def test_a_second_store_sees_commits(self, store: Store, second_store: Store) -> None:
         claim = _start(store, "s-1", ("a",))
@@ -423,21 +434,7 @@ class StoreConformance:
         assert second_store.claim("s-1") is not None
 
 
-# =========================================================================================
-# Crash helpers: kill the process at a chosen commit, for crash-recovery tests.
-#
-# A separate section, with its own imports (placed here so that it stays apart from the
-# conformance suite above).
-# =========================================================================================
-
-import os  # noqa: E402 - this section keeps its imports with it, see above
-import signal  # noqa: E402
-import threading as _threading  # noqa: E402
-from typing import Any, Literal  # noqa: E402
-
-from declsaga.stores._base import StoredSaga  # noqa: E402
-
-__all__ += ["CrashingStore"]
+# -- crash helpers: kill the process at a chosen commit ------------------------------------
 
 CrashWhen = Literal["before", "after"]
 
@@ -449,7 +446,7 @@ class CrashingStore:
     Every commit of a durable execution is one `append`, so the calls number the
     transitions of a saga, and killing at each one in turn reaches every crash point.
     `when="before"`: the process dies before the commit reaches the store, so it never
-    lands. `when="after"`: the commit is durable, but the process dies before acting on
+    lands. `when="after"`: the commit has landed, but the process dies before acting on
     it. Without `kill_at` the store only counts: `appends` tells how many commits an
     uninterrupted execution makes, which is how many crash points it has.
 
@@ -469,7 +466,7 @@ class CrashingStore:
         self.kill_at = kill_at
         self.when: CrashWhen = when
         self._count = 0
-        self._count_lock = _threading.Lock()  # commits may arrive from several threads
+        self._count_lock = threading.Lock()  # commits may arrive from several threads
 
     def __repr__(self) -> str:
         return f"CrashingStore({self.store!r}, kill_at={self.kill_at!r}, when={self.when!r})"

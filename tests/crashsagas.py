@@ -5,6 +5,7 @@ also make nested `ctx.run` calls (some with compensators, one that fails and is 
 one nested two deep), sync and async actions are mixed, and one compensator makes a
 nested call of its own, so that crashes also happen inside nested runs and inside the
 rollback. The field `fail=True` makes the last step raise after doing its work.
+`HoldsAField` adds a step that holds a field's list across a nested call.
 
 Every action first records its side effect as one line of JSON (action, idempotency key,
 pid) appended to the file `EFFECTS` with a single `write` on an `O_APPEND` descriptor:
@@ -56,6 +57,8 @@ AMOUNTS = {
     "nested5b": 500,
     "step6": 6,
     "nested6": 60,
+    "remember": 7,
+    "fetch": 70,
 }
 
 
@@ -259,8 +262,6 @@ class HoldsAField(Steps1):
         self.work(ctx)
         return "fetch returned"
 
-
-AMOUNTS.update(remember=7, fetch=70)
 
 SAGAS: dict[str, type[Steps1]] = {
     cls.__name__: cls for cls in (Steps1, Steps2, Steps3, Steps4, Steps5, Steps6, HoldsAField)

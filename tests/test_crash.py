@@ -45,7 +45,7 @@ import crashsagas
 import pytest
 
 from declsaga import Executor
-from declsaga.stores import SQLiteStore
+from declsaga.stores import MemoryStore, SQLiteStore
 from declsaga.testing import CrashingStore
 
 TESTS = Path(__file__).resolve().parent
@@ -594,10 +594,9 @@ def test_a_crash_during_recovery_is_recovered(
     recovery_appends = played.result["appends"]
     assert recovery_appends > 1
     scenarios = [
-        [first, Phase("recover", driver, j, when), Phase("recover", "sync")]
+        [first, Phase("recover", DRIVERS[(j + i) % 2], j, when), Phase("recover", "sync")]
         for j in range(recovery_appends)
-        for when in WHENS
-        for driver in DRIVERS
+        for i, when in enumerate(WHENS)
     ]
     run_all(children, tmp_path, ref, scenarios)
 
@@ -734,6 +733,18 @@ def test_two_processes_recover_one_file_at_once(
 
 
 # -- the crash helper itself -----------------------------------------------------------------
+
+
+def test_crashing_store_counts_the_commits_of_an_execution(tmp_path: Path) -> None:
+    crashsagas.EFFECTS = str(tmp_path / "effects.jsonl")
+    with MemoryStore() as inner:
+        store = CrashingStore(inner)
+        with pytest.raises(crashsagas.StepFailed):
+            Executor(store=store).execute(crashsagas.Steps3(fail=True), saga_id="s")
+        stored = inner.load("s")
+        assert stored is not None
+        assert (stored.status, stored.seq) == ("compensated", store.appends)
+        assert store.appends == 11
 
 
 def test_crashing_store_counts_and_validates(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from declsaga._errors import StoreError
 from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, SQLiteStore, Store, _sqlite
 from declsaga.stores._claims import prepare
-from declsaga.testing import StoreConformance
+from declsaga.testing import SharedStoreConformance, StoreConformance
 
 
 class TestMemoryStore(StoreConformance):
@@ -30,7 +30,7 @@ class TestMemoryStore(StoreConformance):
             yield store
 
 
-class TestSQLiteStore(StoreConformance):
+class TestSQLiteStore(SharedStoreConformance):
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[Store]:
         with SQLiteStore(tmp_path / "sagas.db") as store:

@@ -30,11 +30,9 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
-from typing import Protocol
-
-import attrs
+from typing import Any, NamedTuple, Protocol
 
 from declsaga._errors import StoreError
 
@@ -213,9 +211,12 @@ class Claims:
 
     def check(self, claim: Claim) -> None:
         """StoreError unless this store holds `claim`."""
-        if not isinstance(claim, Claim):
+        if type(claim) is not Claim and not isinstance(claim, Claim):
             raise TypeError(f"Expected a Claim, got {type(claim).__qualname__}.")
-        if not self.holds(claim):
+        # `holds`, inlined: this runs on every append.
+        with _registry.lock:
+            held = self._held(claim) is not None
+        if not held:
             raise StoreError(
                 f"Saga {claim.saga_id!r} is not claimed by this store; claim it before "
                 "appending to it."
@@ -262,8 +263,7 @@ class Claims:
 # -- the stored form of commits and sagas -------------------------------------------------
 
 
-@attrs.frozen
-class Prepared:
+class Prepared(NamedTuple):
     """A checked commit with its JSON texts, ready for storage."""
 
     saga_id: str
@@ -273,12 +273,41 @@ class Prepared:
     header: tuple[str, str, str, str] | None  # name, fingerprint, definition, fields
 
 
+# ASCII escapes keep lone surrogates storable; NaN and infinities are kept as Python's
+# json spells them, since the codec may rely on them. One encoder serves every call:
+# `json.dumps` with options builds a new one each time, which costs as much as encoding
+# a commit. Without a circular check (a cycle ends in RecursionError instead), the C
+# encoder is built once too.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_C_ENCODE: Callable[[object, int], Any] | None
+try:
+    import _json
+
+    _C_ENCODE = _json.make_encoder(
+        None,  # no markers: no circular check
+        _ENCODER.default,
+        _json.encode_basestring_ascii,
+        None,  # no indent
+        ":",
+        ",",
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+except ImportError:  # pragma: no cover - CPython has the C encoder
+    _C_ENCODE = None
+
+
+def _dumps(value: JSON) -> str:
+    if _C_ENCODE is None:  # pragma: no cover
+        return _ENCODER.encode(value)
+    return "".join(_C_ENCODE(value, 0))
+
+
 def _encode(value: JSON, saga_id: str) -> str:
-    # ASCII escapes keep lone surrogates storable; NaN and infinities are kept as
-    # Python's json spells them, since the codec may rely on them.
     try:
-        return json.dumps(value, separators=(",", ":"))
-    except (TypeError, ValueError) as error:
+        return _dumps(value)
+    except (TypeError, ValueError, RecursionError) as error:
         raise StoreError(
             f"Saga {saga_id!r} was given a value that is not JSON: {error}."
         ) from error
@@ -295,35 +324,44 @@ def prepare(claims: Claims, claim: Claim, commit: Commit) -> Prepared:
     a malformed commit (a caller's bug), StoreError for a claim not held."""
     claims.check(claim)
     saga_id = claim.saga_id
-    if not isinstance(commit, Commit):
+    if type(commit) is not Commit and not isinstance(commit, Commit):
         raise TypeError(f"Expected a Commit, got {type(commit).__qualname__}.")
-    if type(commit.seq) is not int or not 0 <= commit.seq < 2**63:  # SQLite's INTEGER
-        raise ValueError(f"A commit's seq must be an int from 0 to 2**63 - 1, got {commit.seq!r}.")
-    if commit.status is not None:
-        check_status(commit.status)
+    seq = commit.seq
+    if type(seq) is not int or not 0 <= seq < 2**63:  # SQLite's INTEGER
+        raise ValueError(f"A commit's seq must be an int from 0 to 2**63 - 1, got {seq!r}.")
+    status = commit.status
+    if status is not None:
+        check_status(status)
+    entries: JSON = commit.entries
+    if type(entries) is not tuple and type(entries) is not list:
+        entries = list(entries)  # any iterable of entries is one JSON array
     header = commit.header
-    if (commit.seq == 0) != (header is not None):
+    if header is None:
+        if seq == 0:
+            raise ValueError(
+                f"Commit 0 of saga {saga_id!r}: the first commit (seq 0), and only it, "
+                "carries the saga's header."
+            )
+        return Prepared(saga_id, seq, _encode(entries, saga_id), status, None)
+    if seq != 0:
         raise ValueError(
-            f"Commit {commit.seq} of saga {saga_id!r}: the first commit (seq 0), and only "
+            f"Commit {seq} of saga {saga_id!r}: the first commit (seq 0), and only "
             "it, carries the saga's header."
         )
-    texts = None
-    if header is not None:
-        if header.saga_id != saga_id:
-            raise ValueError(
-                f"The header of saga {header.saga_id!r} was appended under the claim of "
-                f"saga {saga_id!r}."
-            )
-        texts = (
-            header.name,
-            header.fingerprint,
-            _encode(header.definition, saga_id),
-            _encode(header.fields, saga_id),
+    if header.saga_id != saga_id:
+        raise ValueError(
+            f"The header of saga {header.saga_id!r} was appended under the claim of "
+            f"saga {saga_id!r}."
         )
-    status = commit.status
-    if commit.seq == 0 and status is None:
+    texts = (
+        header.name,
+        header.fingerprint,
+        _encode(header.definition, saga_id),
+        _encode(header.fields, saga_id),
+    )
+    if status is None:
         status = "running"  # a saga starts running unless its first commit says otherwise
-    return Prepared(saga_id, commit.seq, _encode(list(commit.entries), saga_id), status, texts)
+    return Prepared(saga_id, seq, _encode(entries, saga_id), status, texts)
 
 
 def conflict(saga_id: str, seq: int, commits: int) -> StoreError:

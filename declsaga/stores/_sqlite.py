@@ -138,24 +138,30 @@ class SQLiteStore(Reading):
 
     # -- the driver boundary ----------------------------------------------------------------
 
+    def _store_error(self, error: Exception, doing: str) -> StoreError:
+        """The `StoreError` that a driver error raised while `doing` becomes."""
+        name = getattr(error, "sqlite_errorname", "")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            message = (
+                f"The database {self.path} stayed locked beyond the busy timeout of "
+                f"{self._timeout:g}s while {doing}: another connection holds a write "
+                "transaction."
+            )
+        elif name == "SQLITE_NOTADB":
+            message = f"The file {self.path} is not a SQLite database; it was left unchanged."
+        else:
+            message = f"The database {self.path} failed while {doing}: {error}."
+        store_error = StoreError(message)
+        store_error.__cause__ = error
+        return store_error
+
     @contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
         """Turn every driver error raised inside into a `StoreError` naming the file."""
         try:
             yield
         except _DRIVER_ERRORS as error:
-            name = getattr(error, "sqlite_errorname", "")
-            if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-                message = (
-                    f"The database {self.path} stayed locked beyond the busy timeout of "
-                    f"{self._timeout:g}s while {doing}: another connection holds a write "
-                    "transaction."
-                )
-            elif name == "SQLITE_NOTADB":
-                message = f"The file {self.path} is not a SQLite database; it was left unchanged."
-            else:
-                message = f"The database {self.path} failed while {doing}: {error}."
-            raise StoreError(message) from error
+            raise self._store_error(error, doing) from error
 
     @staticmethod
     @contextmanager
@@ -260,20 +266,22 @@ class SQLiteStore(Reading):
         self._claims.release(claim)
 
     def append(self, claim: Claim, commit: Commit) -> None:
-        self._check_open()
+        if self._closed:
+            self._check_open()
         waiter = _Waiter(prepare(self._claims, claim, commit))
         with self._queue_lock:
             self._queue.append(waiter)
             if self._leading:
-                waiter.wake = threading.Event()
+                wake = waiter.wake = threading.Event()
             else:
                 self._leading = True
-        try:
-            if waiter.wake is not None:
-                waiter.wake.wait()  # until committed, or until the lead passes here
-        except BaseException:
-            self._withdraw(waiter)
-            raise
+                wake = None
+        if wake is not None:
+            try:
+                wake.wait()  # until committed, or until the lead passes here
+            except BaseException:
+                self._withdraw(waiter)
+                raise
         if not waiter.done:
             self._lead()
         if waiter.error is not None:
@@ -335,16 +343,27 @@ class SQLiteStore(Reading):
                     waiter.settle(StoreError(f"An append to {self.path} was interrupted."))
 
     def _apply(self, batch: list[_Waiter]) -> list[StoreError | None]:
+        # The hot path: `_translated` and `_transaction`, spelled out without generators.
         now = time.time()
-        with self._translated("appending"):
+        try:
             connection = self._conn()
-            with self._transaction(connection, "BEGIN IMMEDIATE"):
+            connection.execute("BEGIN IMMEDIATE")
+            try:
                 try:
-                    return [self._write(connection, waiter.prepared, now) for waiter in batch]
+                    outcomes = [self._write(connection, waiter.prepared, now) for waiter in batch]
                 except _DRIVER_ERRORS as error:
                     if len(batch) == 1:
                         raise
                     raise _MemberFailed from error
+                connection.execute("COMMIT")
+            finally:
+                if connection.in_transaction:
+                    # The error that got us here matters, not a failing rollback.
+                    with suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+        except _DRIVER_ERRORS as error:
+            raise self._store_error(error, "appending") from error
+        return outcomes
 
     @staticmethod
     def _write(connection: sqlite3.Connection, commit: Prepared, now: float) -> StoreError | None:
