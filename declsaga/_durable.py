@@ -8,9 +8,10 @@ them: one commit per step, since a run's outcome rides with the next run's start
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any
@@ -31,6 +32,7 @@ from ._journal import (
     SagaStarted,
     Status,
 )
+from ._loops import off_loop
 from ._recorded import decode_error, encode_error
 from ._registry import Definition, lookup
 from ._setup import FunctionalSetup, Setup
@@ -205,6 +207,30 @@ def replay(stored: StoredSaga, frame: Frame) -> Replay:
     return result
 
 
+def _async_append(store: Store) -> Callable[[Claim, Commit], Awaitable[None]] | None:
+    """The store's `append_async`: an optional capability beyond the Store protocol, an
+    `append` to await from the event loop, which it must not block (see
+    `SQLiteStore.append_async`). Like `off_loop(store.append, ...)`, it waits for the
+    append to end even if the awaiting task is cancelled meanwhile, and raises the
+    append's error if it failed, else the cancellation: a `CancelledError` from it means
+    that the commit is durable.
+
+    Used only if the class that defines the store's `append` defines it too: a subclass
+    that overrides `append`, or a wrapper that passes unknown attributes through to
+    another store (like `testing.CrashingStore`), must never be bypassed; nor an
+    `append` set on the instance."""
+    if "append" in getattr(store, "__dict__", ()):
+        return None
+    for cls in type(store).__mro__:
+        if "append" in vars(cls):
+            if "append_async" not in vars(cls):
+                return None
+            bound: Callable[[Claim, Commit], Awaitable[None]]
+            bound = store.append_async  # type: ignore[attr-defined]  # checked just above
+            return bound
+    return None
+
+
 class DurableLog:
     """Encodes records as they happen and commits them to the store when asked."""
 
@@ -232,6 +258,7 @@ class DurableLog:
         self._pending: list[dict[str, JSON]] = []
         self._pending_lock = threading.Lock()  # records arrive from several threads
         self._commit_lock = threading.Lock()
+        self._append_async = _async_append(store)
         self.broken: StoreError | None = None
 
     def add(self, record: Record) -> None:
@@ -279,20 +306,9 @@ class DurableLog:
     def commit(self, status: Status) -> None:
         """Make everything recorded so far durable, in one store commit."""
         with self._commit_lock:
-            if self.broken is not None:
-                raise self.broken
-            with self._pending_lock:
-                pending = self._pending
-                if not pending and status is self._status:
-                    return
-                self._pending = []
-            seq = self._seq
-            commit = Commit(
-                seq,
-                tuple(pending),
-                None if status is self._status else _STATUS_VALUES[status],
-                self._header if seq == 0 else None,
-            )
+            commit = self._next_commit(status)
+            if commit is None:
+                return
             try:
                 self.store.append(self.claim, commit)
             except StoreError as error:
@@ -301,8 +317,60 @@ class DurableLog:
             except Exception as error:  # a store bug must stop the saga like a crash
                 self.broken = StoreError(f"The store failed: {error!r}.")
                 raise self.broken from error
-            self._seq = seq + 1
+            self._seq = commit.seq + 1
             self._status = status
+
+    async def commit_async(self, status: Status) -> None:
+        """`commit` from the event loop, which it never blocks: through the store's
+        optional `append_async` if it has one, else in a worker thread.
+
+        Waited for to the end even if the caller is cancelled meanwhile; the cancellation
+        then propagates."""
+        append_async = self._append_async
+        # The loop never waits for the lock: held by another thread, the commit waits
+        # for it in a worker thread instead.
+        if append_async is None or not self._commit_lock.acquire(blocking=False):
+            await off_loop(self.commit, status)
+            return
+        try:
+            commit = self._next_commit(status)
+            if commit is None:
+                return
+            try:
+                await append_async(self.claim, commit)
+            except asyncio.CancelledError:
+                # Raised only once the append succeeded (see SQLiteStore.append_async).
+                self._seq = commit.seq + 1
+                self._status = status
+                raise
+            except StoreError as error:
+                self.broken = error
+                raise
+            except Exception as error:  # a store bug must stop the saga like a crash
+                self.broken = StoreError(f"The store failed: {error!r}.")
+                raise self.broken from error
+            self._seq = commit.seq + 1
+            self._status = status
+        finally:
+            self._commit_lock.release()
+
+    def _next_commit(self, status: Status) -> Commit | None:
+        """The store commit of what was recorded since the last one; None if nothing
+        changed. Call with the commit lock held."""
+        if self.broken is not None:
+            raise self.broken
+        with self._pending_lock:
+            pending = self._pending
+            if not pending and status is self._status:
+                return None
+            self._pending = []
+        seq = self._seq
+        return Commit(
+            seq,
+            tuple(pending),
+            None if status is self._status else _STATUS_VALUES[status],
+            self._header if seq == 0 else None,
+        )
 
 
 def entries_for_display(entries: Iterable[JSON]) -> list[str]:

@@ -42,7 +42,6 @@ from ._loops import (
     close_loop,
     consume,
     finish_loop,
-    off_loop,
     unwrap,
     wait_uncancellable,
 )
@@ -205,7 +204,7 @@ class Execution:
     async def commit_async(self) -> None:
         """`commit` from the loop: the store's I/O (and its busy waits) run in a thread."""
         if self.log is not None:
-            await off_loop(self.log.commit, self.engine.status)
+            await self.log.commit_async(self.engine.status)
 
     def restore_fields(self, run: int) -> None:
         """Before a run executes again: the fields as they were when it first started."""
@@ -217,7 +216,7 @@ class Execution:
     def invoke_blocking(self, action: Action, ctx: Context) -> object:
         """Call an action on this thread; an awaitable it returns is run to completion."""
         outcome = action.fn(ctx)
-        if isawaitable(outcome):
+        if outcome is not None and isawaitable(outcome):  # None: the common case, cheaply
             return self.block_on(outcome)
         return outcome
 
@@ -225,7 +224,9 @@ class Execution:
         """Call an action from the loop; a sync one runs in a worker thread."""
         if action.is_async:
             outcome = action.fn(ctx)
-            return await cast(Awaitable[object], outcome) if isawaitable(outcome) else outcome
+            if outcome is not None and isawaitable(outcome):
+                return await cast(Awaitable[object], outcome)
+            return outcome
         future = _threads.submit(capture, self.invoke_blocking, action, ctx)
         waiter = asyncio.wrap_future(future)
         try:

@@ -7,6 +7,7 @@ not the code and not the fields.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -43,8 +44,9 @@ class Definition:
             "actions": list(self.actions),
         }
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
+        # Cached: a durable executor records it with every saga it starts.
         canonical = json.dumps(self.as_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

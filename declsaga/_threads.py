@@ -10,21 +10,25 @@ are daemons: an abandoned compensator must not keep the interpreter alive at exi
 from __future__ import annotations
 
 import contextvars
+import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-__all__ = ["submit"]
+__all__ = ["run", "submit"]
 
 T = TypeVar("T")
 
 _IDLE_SECONDS = 30.0
 
-_Task = tuple[Future[Any], contextvars.Context, Callable[..., Any], tuple[Any, ...]]
+# (future, or None for `run`; the caller's context variables; the call)
+_Task = tuple[Future[Any] | None, contextvars.Context, Callable[..., Any], tuple[Any, ...]]
 
-_lock = threading.Condition()
+# A plain lock under the condition: cheaper than the default RLock, never re-entered.
+_lock = threading.Condition(threading.Lock())
 _pending: deque[_Task] = deque()
 _idle = 0
 
@@ -32,14 +36,26 @@ _idle = 0
 def submit(fn: Callable[..., T], *args: Any) -> Future[T]:
     """Run `fn(*args)` in a worker thread, in a copy of the caller's context variables."""
     future: Future[T] = Future()
-    with _lock:
-        _pending.append((future, contextvars.copy_context(), fn, args))
-        # Every pending task is matched by an idle thread or by a new one.
-        if len(_pending) > _idle:
-            threading.Thread(target=_work, name="declsaga-worker", daemon=True).start()
-        else:
-            _lock.notify()
+    _queue((future, contextvars.copy_context(), fn, args))
     return future
+
+
+def run(fn: Callable[..., object], *args: Any) -> None:
+    """`submit` without a future, for a call that hands its outcome over by itself (a
+    commit resolving asyncio futures): a `Future` costs a condition variable and two
+    lock round trips. An exception that escapes `fn` anyway goes to `threading.excepthook`."""
+    _queue((None, contextvars.copy_context(), fn, args))
+
+
+def _queue(task: _Task) -> None:
+    with _lock:
+        _pending.append(task)
+        # Every pending task is matched by an idle thread or by a new one.
+        spawn = len(_pending) > _idle
+        if not spawn:
+            _lock.notify()
+    if spawn:  # started outside the lock: `start` waits for the thread to run
+        threading.Thread(target=_work, name="declsaga-worker", daemon=True).start()
 
 
 def _work() -> None:
@@ -53,12 +69,31 @@ def _work() -> None:
                     return
             _idle -= 1
             future, context, fn, args = _pending.popleft()
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            result = context.run(fn, *args)
-        except BaseException as error:  # the caller decides what any error means
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        if future is None:
+            try:
+                context.run(fn, *args)
+            except BaseException:  # a bug in `fn`: report it, keep the thread
+                info = (*sys.exc_info(), threading.current_thread())
+                threading.excepthook(threading.ExceptHookArgs(info))
+                del info  # the traceback holds the call's frames
+        elif future.set_running_or_notify_cancel():
+            try:
+                result = context.run(fn, *args)
+            except BaseException as error:  # the caller decides what any error means
+                future.set_exception(error)
+            else:
+                future.set_result(result)
         del future, context, fn, args  # drop references while idle
+
+
+def _reset_in_child() -> None:
+    # The parent's workers do not exist in a forked child: counting them as idle would
+    # leave every task queued forever; the lock may have been held by one of them.
+    global _lock, _pending, _idle  # the pool is process-wide by design
+    _lock = threading.Condition(threading.Lock())
+    _pending = deque()
+    _idle = 0
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_reset_in_child)

@@ -51,6 +51,7 @@ from declsaga import (
     compensates,
     step,
 )
+from declsaga._durable import identify
 from declsaga._errors import STORABLE
 from declsaga._reading import SagaRecord, record_of
 from declsaga.inspection import plan
@@ -2117,3 +2118,38 @@ def test_sync_actions_reach_async_ones_under_durable_asyncio_entry_points(
         for n in range(5)
         for line in [f"first c-{n}/0", f"sync_step c-{n}/1", f"async_call c-{n}/2"]
     ] == LOG
+
+
+# -- a journal this version cannot read ----------------------------------------------------
+
+
+def test_a_journal_entry_of_an_unknown_kind_is_refused_and_kept(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = logging_setup("durable.unknown-entry", ["a", "b"])
+    definition = identify(setup).definition
+    claim = store.claim("u-1")
+    assert claim is not None
+    header = SagaHeader(
+        "u-1", "durable.unknown-entry", definition.fingerprint, definition.as_json(), None
+    )
+    entries = ({"kind": "saga_started", "at": 1.0}, {"kind": "teleported", "at": 2.0})
+    store.append(claim, Commit(0, entries, None, header))
+    store.release(claim)
+    before = loaded(store, "u-1")
+    message = (
+        "Saga 'u-1' has a journal entry of an unknown kind: {'kind': 'teleported', 'at': 2.0}."
+    )
+
+    with caplog.at_level(logging.WARNING, logger="declsaga"):
+        recovered = Executor(store=store).recover()
+    assert [(r.saga_id, r.status, r.report, r.refused) for r in recovered] == [
+        ("u-1", "running", None, f"{message} It is left untouched.")
+    ]
+    assert [record.getMessage() for record in caplog.records] == [recovered[0].refused]
+    with pytest.raises(StoreError, match=exactly(message)):
+        Executor(store=store).execute(setup, saga_id="u-1")
+    with pytest.raises(StoreError, match=exactly(message)):
+        readable(store).get("u-1")
+    assert loaded(store, "u-1") == before  # nothing lost, nothing changed
+    assert LOG == []  # nothing ran

@@ -1,14 +1,18 @@
 """The SQLite store: one file, several processes of one host, one connection per store.
 
-Driver errors become `StoreError` in one place, `_translated`. Every write is one
-`BEGIN IMMEDIATE` transaction, rolled back in a `finally` when it fails; reads are short
-deferred transactions. Appends that arrive together from several threads share one
-transaction and one fsync (group commit): one thread at a time leads, committing every
-queued append at once, while the others wait to be told their own outcome or to lead.
+Driver errors become `StoreError` in one place, `_store_error` (through `_translated`,
+or spelled out on the append path). Every write is one `BEGIN IMMEDIATE` transaction,
+rolled back in a `finally` when it fails; reads are short deferred transactions. Appends
+that arrive together from several threads share one transaction and one fsync (group
+commit): one thread at a time leads, committing every queued append at once, while the
+others wait to be told their own outcome or to lead. Appends from event loops
+(`append_async`) join the same queue but never lead, since the busy handler sleeps: a
+worker thread leads for them, and wakes the tasks of each loop with one call per batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
@@ -16,7 +20,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from declsaga import _threads
 from declsaga._errors import StoreError
+from declsaga._loops import Handoff, deliver_all
 
 from . import _migrations as sql
 from ._base import Claim, Commit, Reading, StoredSaga
@@ -53,15 +59,18 @@ class _MemberFailed(Exception):
 class _Waiter:
     """An append waiting for whoever commits the queue."""
 
-    __slots__ = ("done", "error", "prepared", "wake")
+    __slots__ = ("done", "error", "handoff", "prepared", "wake")
 
-    def __init__(self, prepared: Prepared) -> None:
+    def __init__(self, prepared: Prepared, handoff: Handoff | None = None) -> None:
         self.prepared = prepared
         self.done = False
         self.error: StoreError | None = None
         # Set when the append is committed or refused, or when it is this thread's turn
-        # to lead; None for an append that leads from the start.
+        # to lead; None for an append that leads from the start, or comes from a loop.
         self.wake: threading.Event | None = None
+        # For an append from an event loop: delivered once it is settled. Such an append
+        # never leads: a worker thread leads for it.
+        self.handoff = handoff
 
     def settle(self, error: StoreError | None) -> None:
         self.done, self.error = True, error
@@ -282,42 +291,89 @@ class SQLiteStore(Reading):
             except BaseException:
                 self._withdraw(waiter)
                 raise
-        if not waiter.done:
-            self._lead()
+        if not waiter.done and self._lead():
+            self._lead_in_worker()
         if waiter.error is not None:
             raise waiter.error
 
-    def _lead(self) -> None:
+    async def append_async(self, claim: Claim, commit: Commit) -> None:
+        """`append` from a running event loop, which it never blocks.
+
+        The commit is checked and encoded at once, then written by a worker thread in
+        one transaction with every append queued meanwhile (from loops and threads
+        alike); the waiting tasks of one loop are woken together. If the awaiting task
+        is cancelled meanwhile, the append still completes: its `StoreError` is raised
+        if it failed, else the cancellation propagates (so a `CancelledError` means the
+        commit is durable)."""
+        if self._closed:
+            self._check_open()
+        handoff = Handoff(asyncio.get_running_loop())
+        waiter = _Waiter(prepare(self._claims, claim, commit), handoff)
+        with self._queue_lock:
+            self._queue.append(waiter)
+            lead = not self._leading
+            self._leading = True
+        if lead:
+            self._lead_in_worker()
+        cancelled = await handoff.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        if cancelled is not None:
+            raise cancelled
+
+    def _lead(self) -> bool:
         """Commit every queued append, then pass the lead to the first one queued since.
 
         Followers wait on their own event rather than on the connection's lock, so that
-        the lead goes to the oldest waiter instead of to whichever thread barges in."""
+        the lead goes to the oldest waiter instead of to whichever thread barges in.
+        True if the oldest is from an event loop: the caller must see that a worker
+        thread leads next."""
         try:
             with self._lock:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 self._commit(batch)
-        finally:
+        except BaseException:
             with self._queue_lock:
-                self._pass_lead()
+                again = self._pass_lead()
+            if again:
+                self._lead_in_worker()
+            raise
+        with self._queue_lock:
+            return self._pass_lead()
 
-    def _pass_lead(self) -> None:
-        # Called with the queue's lock held.
-        if self._queue:
-            successor = self._queue[0].wake
-            assert successor is not None
-            successor.set()  # it is not done, so it leads
-        else:
+    def _pass_lead(self) -> bool:
+        """Wake the oldest queued append to lead, or give the lead up. True if the oldest
+        is from an event loop, which cannot lead; the lead stays taken for a worker.
+        Called with the queue's lock held."""
+        if not self._queue:
             self._leading = False
+            return False
+        successor = self._queue[0].wake
+        if successor is None:
+            return True
+        successor.set()  # it is not done, so it leads
+        return False
+
+    def _lead_in_worker(self) -> None:
+        """Have a worker thread take the lead, which the caller holds on its behalf."""
+        _threads.run(self._lead_for_loops)
+
+    def _lead_for_loops(self) -> None:
+        while self._lead():
+            pass
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """A follower interrupted while waiting: withdraw its append if nobody took it yet,
         and pass on the lead if it was handed to it."""
         with self._queue_lock:
+            again = False
             if any(queued is waiter for queued in self._queue):
                 self._queue.remove(waiter)
                 if waiter.wake is not None and waiter.wake.is_set():
-                    self._pass_lead()
+                    again = self._pass_lead()
+        if again:
+            self._lead_in_worker()
 
     def _commit(self, batch: list[_Waiter]) -> None:
         """Commit the queued appends in one transaction and settle every waiter."""
@@ -338,9 +394,14 @@ class SQLiteStore(Reading):
                 for waiter, outcome in zip(batch, outcomes, strict=True):
                     waiter.settle(outcome)
         finally:
+            handoffs = []
             for waiter in batch:  # interrupted (KeyboardInterrupt): nobody may wait silently
                 if not waiter.done:
                     waiter.settle(StoreError(f"An append to {self.path} was interrupted."))
+                if waiter.handoff is not None:
+                    handoffs.append(waiter.handoff)
+            if handoffs:
+                deliver_all(handoffs)
 
     def _apply(self, batch: list[_Waiter]) -> list[StoreError | None]:
         # The hot path: `_translated` and `_transaction`, spelled out without generators.
