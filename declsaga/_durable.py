@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any
@@ -311,14 +311,10 @@ class DurableLog:
                 return
             try:
                 self.store.append(self.claim, commit)
-            except StoreError as error:
-                self.broken = error
+            except Exception as error:
+                self._broke(error)
                 raise
-            except Exception as error:  # a store bug must stop the saga like a crash
-                self.broken = StoreError(f"The store failed: {error!r}.")
-                raise self.broken from error
-            self._seq = commit.seq + 1
-            self._status = status
+            self._landed(commit, status)
 
     async def commit_async(self, status: Status) -> None:
         """`commit` from the event loop, which it never blocks: through the store's
@@ -340,19 +336,28 @@ class DurableLog:
                 await append_async(self.claim, commit)
             except asyncio.CancelledError:
                 # Raised only once the append succeeded (see SQLiteStore.append_async).
-                self._seq = commit.seq + 1
-                self._status = status
+                self._landed(commit, status)
                 raise
-            except StoreError as error:
-                self.broken = error
+            except Exception as error:
+                self._broke(error)
                 raise
-            except Exception as error:  # a store bug must stop the saga like a crash
-                self.broken = StoreError(f"The store failed: {error!r}.")
-                raise self.broken from error
-            self._seq = commit.seq + 1
-            self._status = status
+            self._landed(commit, status)
         finally:
             self._commit_lock.release()
+
+    def _landed(self, commit: Commit, status: Status) -> None:
+        self._seq = commit.seq + 1
+        self._status = status
+
+    def _broke(self, error: Exception) -> None:
+        """Remember a failed append: every later commit raises it, so an execution stops
+        at its next step boundary even if an action swallowed the error. A store's bug
+        (not a StoreError) stops the saga like a crash too."""
+        if isinstance(error, StoreError):
+            self.broken = error
+            return
+        self.broken = StoreError(f"The store failed: {error!r}.")
+        raise self.broken from error
 
     def _next_commit(self, status: Status) -> Commit | None:
         """The store commit of what was recorded since the last one; None if nothing
@@ -371,8 +376,3 @@ class DurableLog:
             None if status is self._status else _STATUS_VALUES[status],
             self._header if seq == 0 else None,
         )
-
-
-def entries_for_display(entries: Iterable[JSON]) -> list[str]:
-    """One line per entry, for printing a journal."""
-    return [" ".join(f"{key}={value}" for key, value in entry.items()) for entry in entries]
