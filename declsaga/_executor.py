@@ -163,7 +163,7 @@ class Executor:
             return self._raise(await self._drive_async(self._execution(checked, saga_id, loop)))
         store = self._store
         identity = identify(checked)
-        claim = await off_loop(store.claim, saga_id)
+        claim = await off_loop(store.claim, saga_id, undo=store.release)
         if claim is None:
             raise SagaBusy(saga_id)
         try:
@@ -269,7 +269,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         recovered = []
         for saga_id in await off_loop(store.unfinished):
-            claim = await off_loop(store.claim, saga_id)
+            claim = await off_loop(store.claim, saga_id, undo=store.release)
             if claim is None:
                 continue
             try:

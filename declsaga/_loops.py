@@ -283,11 +283,14 @@ def _check(drain: _Drain) -> None:
         _threads.run(_work, drain)
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+async def off_loop(
+    fn: Callable[..., T], *args: Any, undo: Callable[[Any], object] | None = None
+) -> T:
     """`fn(*args)` in a worker thread, for blocking I/O (a store commit) from the loop.
 
     Waited for even if the caller is cancelled meanwhile, so that a commit is never left
-    half-known; the cancellation then propagates.
+    half-known; the cancellation then propagates, after `undo(result)` if given (so that,
+    say, a claim the caller will never see is given back).
     """
     loop = asyncio.get_running_loop()
     call = _Call(loop, fn, args)
@@ -304,10 +307,12 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     if start:
         _threads.run(_work, drain)
     cancelled = await call.wait()
-    outcome = unwrap(call.outcome)
+    outcome = cast(T, unwrap(call.outcome))
     if cancelled is not None:
+        if undo is not None and outcome is not None:
+            undo(outcome)
         raise cancelled
-    return cast(T, outcome)
+    return outcome
 
 
 def _reset_in_child() -> None:

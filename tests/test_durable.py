@@ -2153,3 +2153,35 @@ def test_a_journal_entry_of_an_unknown_kind_is_refused_and_kept(
         readable(store).get("u-1")
     assert loaded(store, "u-1") == before  # nothing lost, nothing changed
     assert LOG == []  # nothing ran
+
+
+def test_a_claim_won_while_execute_async_is_cancelled_is_given_back(tmp_path: Path) -> None:
+    """The claim call runs to its end in a worker thread even when the task is cancelled
+    meanwhile; the claim it won must not stay held by nobody."""
+    store = SQLiteStore(tmp_path / "claims.db")
+    claiming, proceed = threading.Event(), threading.Event()
+
+    class SlowClaims(SQLiteStore):
+        def claim(self, saga_id: str) -> Claim | None:
+            claiming.set()
+            proceed.wait(5)
+            return super().claim(saga_id)
+
+    slow = SlowClaims(tmp_path / "claims.db")
+    setup = logging_setup("durable.cancelled-claim", ["a"])
+
+    async def main() -> None:
+        task = asyncio.ensure_future(Executor(store=slow).execute_async(setup, saga_id="c-1"))
+        await asyncio.get_running_loop().run_in_executor(None, claiming.wait, 5)
+        task.cancel()
+        proceed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert LOG == []  # nothing ran
+    claim = store.claim("c-1")  # not left held by the cancelled execution
+    assert claim is not None
+    store.release(claim)
+    slow.close()
+    store.close()
