@@ -500,29 +500,29 @@ def test_a_conflict_in_a_shared_transaction_fails_only_its_append(
 def test_a_driver_error_in_a_shared_transaction_fails_only_its_append(
     path: Path, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A saga row with no journal: creating that saga again breaks the shared transaction.
+    # A trigger that refuses one journal row breaks the shared transaction it is in.
     connection = sqlite3.connect(path)
     connection.execute(
-        "INSERT INTO sagas VALUES ('ghost', 'n', 'f', 'null', 'null', 'running', 0, 0)"
+        "CREATE TRIGGER refuse BEFORE INSERT ON journal WHEN NEW.entries LIKE '%boom%' "
+        "BEGIN SELECT RAISE(ABORT, 'boom refused'); END"
     )
     connection.commit()
     connection.close()
-    claims = [start(store, f"s-{n}", "a") for n in range(3)]
-    ghost = store.claim("ghost")
-    assert ghost is not None
+    claims = [start(store, f"s-{n}", "a") for n in range(4)]
     appends = [(claim, Commit(1, ("b",), "completed")) for claim in claims]
-    appends.insert(1, (ghost, Commit(0, ("boo",), None, header("ghost"))))
+    appends[1] = (claims[1], Commit(1, ("boom",), "completed"))
     outcomes, sizes = appending_together(store, appends, monkeypatch)
     assert sizes == [4, 1, 1, 1, 1]  # rolled back, then one by one
     assert outcomes == [
         "ok",
-        f"The database {path} failed while appending: UNIQUE constraint failed: sagas.saga_id.",
+        f"The database {path} failed while appending: boom refused.",
         "ok",
         "ok",
     ]
-    assert [saga.header.saga_id for saga in store.sagas("completed")] == ["s-0", "s-1", "s-2"]
-    assert store.load("ghost") is not None
-    assert store.unfinished() == ["ghost"]
+    assert [saga.header.saga_id for saga in store.sagas("completed")] == ["s-0", "s-2", "s-3"]
+    assert store.unfinished() == ["s-1"]
+    loaded = store.load("s-1")
+    assert loaded is not None and loaded.seq == 1  # the refused commit left nothing
 
 
 def test_an_interrupted_follower_withdraws_its_append(store: SQLiteStore) -> None:

@@ -46,7 +46,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # `at` of the saga's last journal row.
         """
         CREATE TABLE sagas (
-            saga_id TEXT PRIMARY KEY,
+            number INTEGER PRIMARY KEY,
+            saga_id TEXT NOT NULL UNIQUE,
             name TEXT NOT NULL,
             fingerprint TEXT NOT NULL,
             definition TEXT NOT NULL,
@@ -58,15 +59,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         # unfinished() and sagas(status) read by status, oldest first.
         "CREATE INDEX sagas_by_status ON sagas (status, created)",
-        # One row per commit: its entries as one JSON array. WITHOUT ROWID stores the rows
-        # in primary-key order, so a saga's journal is one contiguous range.
+        # One row per commit: its entries as one JSON array. Keyed by the saga's number,
+        # not its id: numbers grow, so new rows go to the end of the table instead of to
+        # a random page (a uuid's), which makes each commit write fewer pages. WITHOUT
+        # ROWID keeps a saga's journal in one contiguous range.
         """
         CREATE TABLE journal (
-            saga_id TEXT NOT NULL,
+            saga INTEGER NOT NULL,
             seq INTEGER NOT NULL,
             entries TEXT NOT NULL,
             at REAL NOT NULL,
-            PRIMARY KEY (saga_id, seq)
+            PRIMARY KEY (saga, seq)
         ) WITHOUT ROWID
         """,
     ),
@@ -74,36 +77,43 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 LATEST = len(MIGRATIONS)
 
-# The hot path: one statement per commit. It inserts only if the commit is the saga's
-# next one: a repeat hits the primary key (ignored), a gap finds no predecessor, so
-# rowcount 0 means a conflict and nothing was written. Rows are only ever appended after
-# their predecessor, so every journal is 0..n-1 and seq == n is checked in O(log n).
+# The hot path: one statement per commit. It inserts only if the saga exists and the
+# commit is its next one: a repeat hits the primary key (ignored), a gap finds no
+# predecessor, so rowcount 0 means a conflict and nothing was written. Rows are only ever
+# appended after their predecessor, so every journal is 0..n-1 and seq == n is checked
+# in O(log n).
 APPEND = """
-    INSERT OR IGNORE INTO journal (saga_id, seq, entries, at)
-    SELECT ?1, ?2, ?3, ?4
-    WHERE ?2 = 0 OR EXISTS (SELECT 1 FROM journal WHERE saga_id = ?1 AND seq = ?2 - 1)
+    INSERT OR IGNORE INTO journal (saga, seq, entries, at)
+    SELECT number, ?2, ?3, ?4 FROM sagas WHERE saga_id = ?1
+    AND (?2 = 0 OR EXISTS (SELECT 1 FROM journal WHERE saga = sagas.number AND seq = ?2 - 1))
 """
+# Ignored (rowcount 0) when the saga exists: the first commit of a saga made twice.
 CREATE = """
-    INSERT INTO sagas (saga_id, name, fingerprint, definition, fields, status, created, updated)
+    INSERT OR IGNORE INTO sagas
+        (saga_id, name, fingerprint, definition, fields, status, created, updated)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 SET_STATUS = "UPDATE sagas SET status = ?, updated = ? WHERE saga_id = ?"
-COUNT = "SELECT count(*) FROM journal WHERE saga_id = ?"
+_NUMBER = "(SELECT number FROM sagas WHERE saga_id = ?)"
+COUNT = f"SELECT count(*) FROM journal WHERE saga = {_NUMBER}"
 
 _SAGA_COLUMNS = "saga_id, name, fingerprint, definition, fields, status, created"
 LOAD = f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?"
-LOAD_JOURNAL = "SELECT entries, at FROM journal WHERE saga_id = ? ORDER BY seq"
-# rowid breaks ties between sagas created within one clock tick: creation order.
+LOAD_JOURNAL = f"SELECT entries, at FROM journal WHERE saga = {_NUMBER} ORDER BY seq"
+# The number breaks ties between sagas created within one clock tick: creation order.
 UNFINISHED = """
     SELECT saga_id FROM sagas WHERE status IN ('running', 'compensating')
-    ORDER BY created, rowid
+    ORDER BY created, number
 """
-ALL = f"SELECT {_SAGA_COLUMNS} FROM sagas ORDER BY created, rowid"
-ALL_JOURNALS = "SELECT saga_id, entries, at FROM journal ORDER BY saga_id, seq"
-WITH_STATUS = f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE status = ? ORDER BY created, rowid"
+ALL = f"SELECT {_SAGA_COLUMNS} FROM sagas ORDER BY created, number"
+ALL_JOURNALS = """
+    SELECT s.saga_id, j.entries, j.at FROM journal AS j JOIN sagas AS s ON s.number = j.saga
+    ORDER BY j.saga, j.seq
+"""
+WITH_STATUS = f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE status = ? ORDER BY created, number"
 JOURNALS_WITH_STATUS = """
-    SELECT j.saga_id, j.entries, j.at FROM journal AS j JOIN sagas AS s USING (saga_id)
-    WHERE s.status = ? ORDER BY j.saga_id, j.seq
+    SELECT s.saga_id, j.entries, j.at FROM journal AS j JOIN sagas AS s ON s.number = j.saga
+    WHERE s.status = ? ORDER BY j.saga, j.seq
 """
 
 

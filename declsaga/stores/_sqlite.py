@@ -431,15 +431,18 @@ class SQLiteStore(Reading):
         """One commit inside the open transaction: its conflict, having written nothing,
         or None."""
         saga_id = commit.saga_id
-        if connection.execute(sql.APPEND, (saga_id, commit.seq, commit.entries, now)).rowcount == 0:
-            commits = connection.execute(sql.COUNT, (saga_id,)).fetchone()[0]
+        execute = connection.execute
+        # The saga's row first: the journal's rows are keyed by its number. Ignored if
+        # the saga exists, which makes this first commit a conflict.
+        if (
+            commit.header is not None
+            and execute(sql.CREATE, (saga_id, *commit.header, commit.status, now, now)).rowcount
+            == 0
+        ) or execute(sql.APPEND, (saga_id, commit.seq, commit.entries, now)).rowcount == 0:
+            commits = execute(sql.COUNT, (saga_id,)).fetchone()[0]
             return conflict(saga_id, commit.seq, commits)
-        if commit.header is not None:
-            # A saga row without journal rows cannot exist: were it there, the primary key
-            # fails and the batch is retried one by one, reporting the driver's error.
-            connection.execute(sql.CREATE, (saga_id, *commit.header, commit.status, now, now))
-        elif commit.status is not None:
-            connection.execute(sql.SET_STATUS, (commit.status, now, saga_id))
+        if commit.header is None and commit.status is not None:
+            execute(sql.SET_STATUS, (commit.status, now, saga_id))
         return None
 
     def load(self, saga_id: str) -> StoredSaga | None:
