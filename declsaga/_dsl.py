@@ -32,7 +32,7 @@ from ._markers import (
     step,
 )
 from ._registry import Definition, register
-from ._setup import Action, is_async_callable
+from ._setup import STATIC_SETUP_CLASSES, Action, bound_action, is_async_callable
 
 __all__ = [
     "ActionInfo",
@@ -94,7 +94,9 @@ class _Compiled:
 
     sequence: tuple[str, ...]
     compensators: dict[str, str]
-    functions: dict[str, Callable[..., object]]
+    # action name -> (function, is_async): a bound method is async exactly when its
+    # function is, so is_async is computed once per class, not on every step.
+    functions: dict[str, tuple[Callable[..., object], bool]]
     plan: SagaPlan
     definition: Definition
 
@@ -244,7 +246,7 @@ def _freeze(
         actions=tuple(infos.values()),
         compensators=MappingProxyType(compensators),
     )
-    functions = {name: info.function for name, info in infos.items()}
+    functions = {name: (info.function, info.is_async) for name, info in infos.items()}
     return _Compiled(sequence, compensators, functions, plan, definition)
 
 
@@ -324,6 +326,7 @@ class _SagaMeta(type):
         if conflict is not None:
             raise definition_error(qualname, f"cannot register as {saga_name!r}: {conflict}")
         setattr(cls, _COMPILED, plan)
+        STATIC_SETUP_CLASSES.add(cls)  # its Setup methods answer from the plan alone
         return cls
 
 
@@ -360,5 +363,8 @@ class Saga(metaclass=_SagaMeta):
 
     def action(self, name: str) -> Action | None:
         """The action called `name`, bound to this instance, or None."""
-        function = self.__declsaga__.functions.get(name)
-        return None if function is None else Action(name, function.__get__(self))
+        found = self.__declsaga__.functions.get(name)
+        if found is None:
+            return None
+        function, is_async = found
+        return bound_action(name, function.__get__(self), is_async)

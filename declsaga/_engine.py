@@ -6,7 +6,7 @@ happens next; recovering a saga is replaying its journal through `apply`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ._errors import ActionNotFound, CompensationFailed
 from ._journal import (
@@ -56,6 +56,10 @@ class Finish(NamedTuple):
 
 Decision = RunStep | StartRollback | Compensate | Finish
 
+# A NamedTuple's constructor is a Python function; the step decision is made on every
+# step, so it is built from a tuple directly.
+_new_tuple: Any = tuple.__new__
+
 
 class Engine:
     """The state that the rollback rules need, folded from the journal's records."""
@@ -104,11 +108,11 @@ class Engine:
     def apply(self, record: Record) -> None:
         """Fold one record into the state."""
         if type(record) is RunStarted:
-            self._started(record)
+            self.run_started(record)
         elif type(record) is RunSucceeded:
-            self._succeeded_run(record)
+            self.run_succeeded(record)
         elif type(record) is RunFailed:
-            self._failed_run(record)
+            self.run_failed(record)
         elif type(record) is RollbackStarted:
             self._rollback_error = record.error
             self._step_error = None
@@ -118,7 +122,10 @@ class Engine:
         elif type(record) is not SagaStarted:
             raise TypeError(f"Unknown journal record {record!r}.")
 
-    def _started(self, record: RunStarted) -> None:
+    # The three run transitions, also called directly by drivers that know the record's
+    # type: `apply` is the general entry point.
+
+    def run_started(self, record: RunStarted) -> None:
         self._runs[record.run] = record
         if record.role is Role.STEP:
             self._next_step += 1
@@ -128,7 +135,7 @@ class Engine:
             assert record.target is not None
             self._rollback_pos = self._position[record.target] - 1
 
-    def _succeeded_run(self, record: RunSucceeded) -> None:
+    def run_succeeded(self, record: RunSucceeded) -> None:
         role = self._runs[record.run].role
         if role is Role.COMPENSATION:
             self._open_compensation = None
@@ -140,7 +147,7 @@ class Engine:
         self._position[record.run] = len(self._succeeded)
         self._succeeded.append(record.run)
 
-    def _failed_run(self, record: RunFailed) -> None:
+    def run_failed(self, record: RunFailed) -> None:
         role = self._runs[record.run].role
         if role is Role.STEP:
             self._open_step = None
@@ -153,11 +160,9 @@ class Engine:
         """What happens next; asking twice without applying anything gives the same answer."""
         if self._ended is not None:
             return self._ended
-        if self._rollback_error is None:
-            return self._forward()
-        return self._rollback(self._rollback_error)
-
-    def _forward(self) -> Decision:
+        if self._rollback_error is not None:
+            return self._rollback(self._rollback_error)
+        # Forward (asked once per step, so not a method of its own).
         if self._step_error is not None:
             return StartRollback(self._step_error)
         setup = self._setup
@@ -172,7 +177,8 @@ class Engine:
             action = setup.action(name)
             if action is None:
                 return StartRollback(ActionNotFound(name, role="in the sequence"))
-            return RunStep(action, None)
+            step: RunStep = _new_tuple(RunStep, (action, None))
+            return step
         return Finish(Status.COMPLETED, None)
 
     def _rollback(self, action_error: BaseException) -> Decision:

@@ -55,6 +55,10 @@ __all__ = ["Execution"]
 
 T = TypeVar("T")
 
+# Builds a journal record from a tuple of its fields: a NamedTuple's own constructor is a
+# Python function, a measurable share of a no-op step's cost.
+_new_record: Any = tuple.__new__
+
 
 class Execution:
     """The runtime state of one execution; the executor itself holds none."""
@@ -155,11 +159,13 @@ class Execution:
             if self._sealed:
                 raise SagaError(f"Saga {self.saga_id!r} has ended: action {action!r} cannot run.")
             run = self._next_run
-            self._next_run += 1
-            at = perf_counter() if at is None else at
-            record = RunStarted(run, action, role, parent, index, target, at)
+            self._next_run = run + 1
+            record: RunStarted = _new_record(
+                RunStarted,
+                (run, action, role, parent, index, target, perf_counter() if at is None else at),
+            )
             self.records.append(record)
-            self.engine.apply(record)
+            self.engine.run_started(record)
             self._open.add(run)
             if self.log is not None:
                 self.log.add(record)
@@ -167,8 +173,21 @@ class Execution:
 
     def finish_run(self, run: int, result: object) -> BaseException | None:
         """Record a success; return the error it became if the journal cannot store it."""
-        recorded = self._outcome(run, RunSucceeded(run, result, perf_counter()))
-        return recorded.error if type(recorded) is RunFailed else None
+        record: RunSucceeded | RunFailed = _new_record(RunSucceeded, (run, result, perf_counter()))
+        # _outcome(), inlined: this runs once per step.
+        with self._lock:
+            if self._sealed or run not in self._open:
+                return None  # a late or second outcome: the first one recorded stands
+            self._open.discard(run)
+            if self.log is not None:
+                record = self.log.outcome(record, self.engine.action_of(run))
+            self.records.append(record)
+            if type(record) is RunSucceeded:
+                self.engine.run_succeeded(record)
+                return None
+            assert type(record) is RunFailed  # the journal could not store the success
+            self.engine.run_failed(record)
+            return record.error
 
     def fail_run(self, run: int, error: BaseException, *, at: float | None = None) -> None:
         self._outcome(run, RunFailed(run, error, perf_counter() if at is None else at))
@@ -183,7 +202,10 @@ class Execution:
             if self.log is not None:
                 record = self.log.outcome(record, self.engine.action_of(run))
             self.records.append(record)
-            self.engine.apply(record)
+            if type(record) is RunSucceeded:
+                self.engine.run_succeeded(record)
+            elif type(record) is RunFailed:
+                self.engine.run_failed(record)
             return record
 
     def seal(self, decision: Finish) -> None:
@@ -375,15 +397,24 @@ class Execution:
 
     def forward_blocking(self) -> None:
         """Run the sequence on the calling thread until it completes or a step fails."""
+        # The loop runs once per step: its lookups are hoisted, and invoke_blocking inlined.
+        next_decision = self.engine.next
         while True:
-            decision = self.engine.next()
+            decision = next_decision()
             if type(decision) is RunStep:
-                action = decision.action
-                run = self._step_run(decision)
-                self.commit()
+                action, again = decision
+                if again is None:
+                    run = self.start_run(action.name, Role.STEP)
+                else:
+                    self.restore_fields(again)
+                    run = again
+                if self.log is not None:
+                    self.log.commit(self.engine.status)  # self.commit(), inlined
                 ctx = Context(self, action, run)
                 try:
-                    result = self.invoke_blocking(action, ctx)
+                    result = action.fn(ctx)
+                    if result is not None and isawaitable(result):
+                        result = self.block_on(result)
                 except BaseException as error:
                     self.fail_run(run, error)
                 else:
@@ -397,15 +428,21 @@ class Execution:
 
     async def forward_async(self) -> None:
         """Run the sequence from the loop until it completes, a step fails, or it is cancelled."""
+        next_decision = self.engine.next  # the loop runs once per step
         while True:
-            decision = self.engine.next()
+            decision = next_decision()
             if type(decision) is RunStep:
-                action = decision.action
-                run = self._step_run(decision)
+                action, again = decision
+                if again is None:
+                    run = self.start_run(action.name, Role.STEP)
+                else:
+                    self.restore_fields(again)
+                    run = again
                 ctx = Context(self, action, run)
                 try:
                     # Inside the try: a cancellation while committing cancels the step.
-                    await self.commit_async()
+                    if self.log is not None:  # self.commit_async(), without its coroutine
+                        await self.log.commit_async(self.engine.status)
                     result = await self.invoke_async(action, ctx, abandonable=False)
                 except asyncio.CancelledError as cancelled:
                     # Recorded only if the run has no real outcome yet (see invoke_async).
@@ -423,12 +460,6 @@ class Execution:
                 return
             else:
                 return
-
-    def _step_run(self, decision: RunStep) -> int:
-        if decision.run is not None:
-            self.restore_fields(decision.run)
-            return decision.run
-        return self.start_run(decision.action.name, Role.STEP)
 
     async def rollback(self) -> None:
         """Compensate, newest first, within one time budget for all compensations."""

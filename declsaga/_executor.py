@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import math
-import uuid
+import os
 from asyncio import events
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,7 +19,7 @@ from ._execution import Execution
 from ._journal import SagaEnded, Status
 from ._loops import off_loop
 from ._report import Recovered, Report, build_report
-from ._setup import Setup, check_setup, validate
+from ._setup import Setup, check_setup, validate_checked
 from ._stored import Ended, open_saga, resolve
 from .stores._base import FINAL_STATUSES, Claim, Store
 
@@ -35,6 +35,16 @@ __all__ = ["DEFAULT_COMPENSATE_TIMEOUT", "Executor", "execute", "outcome_error"]
 DEFAULT_COMPENSATE_TIMEOUT: Final = 10.0
 
 Reporter = Callable[[Report], object]
+
+
+def _new_saga_id() -> str:
+    """`str(uuid.uuid4())`, at less than half its cost (paid once per execution): the
+    same 122 random bits from os.urandom, version 4, RFC 4122 variant, same text."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # variant RFC 4122
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _seconds(timeout: object) -> float:
@@ -104,11 +114,11 @@ class Executor:
     def _checked(self, setup: object, saga_id: str | None, api: str) -> tuple[Setup, str]:
         checked = check_setup(setup, api)
         if saga_id is None:
-            saga_id = str(uuid.uuid4())
+            saga_id = _new_saga_id()
         elif not isinstance(saga_id, str) or not saga_id.strip():
             raise UsageError(f"saga_id must be a non-empty string, got {describe(saga_id)}.")
         if not self._skip_validation:
-            validate(checked)
+            validate_checked(checked)
         return checked, saga_id
 
     def _execution(
@@ -138,6 +148,7 @@ class Executor:
                 "execute() blocks, but it was called from a running event loop: "
                 "use 'await executor.execute_async(...)' instead."
             )
+        fresh = saga_id is None  # then _checked generates a new uuid4
         checked, saga_id = self._checked(setup, saga_id, "execute")
         if self._store is None:
             return self._raise(self._drive(self._execution(checked, saga_id, None)))
@@ -148,7 +159,7 @@ class Executor:
             raise SagaBusy(saga_id)
         try:
             build = functools.partial(self._resumed, saga_id, None)
-            opened = open_saga(store, claim, checked, identity, build)
+            opened = open_saga(store, claim, checked, identity, build, fresh=fresh)
             if isinstance(opened, Ended):
                 return self._raise(_recorded(opened))
             return self._raise(self._drive(opened))
@@ -158,6 +169,7 @@ class Executor:
     async def execute_async(self, setup: Setup, *, saga_id: str | None = None) -> Report:
         """Run `setup` to its end from asyncio code; return the report or raise."""
         loop = asyncio.get_running_loop()
+        fresh = saga_id is None  # then _checked generates a new uuid4
         checked, saga_id = self._checked(setup, saga_id, "execute_async")
         if self._store is None:
             return self._raise(await self._drive_async(self._execution(checked, saga_id, loop)))
@@ -168,7 +180,10 @@ class Executor:
             raise SagaBusy(saga_id)
         try:
             build = functools.partial(self._resumed, saga_id, loop)
-            opened = await off_loop(open_saga, store, claim, checked, identity, build)
+            if fresh:  # no I/O then: not worth a worker thread
+                opened = open_saga(store, claim, checked, identity, build, fresh=True)
+            else:
+                opened = await off_loop(open_saga, store, claim, checked, identity, build)
             if isinstance(opened, Ended):
                 return self._raise(_recorded(opened))
             return self._raise(await self._drive_async(opened))

@@ -63,54 +63,56 @@ class Recovered:
 
 def build_report(records: Iterable[Record], error: BaseException | None, end_at: float) -> Report:
     """Build the report of a journal; runs that never finished are left out."""
+    journal = tuple(records)
+    first: SagaStarted | None = None
+    for record in journal:
+        if type(record) is SagaStarted:
+            first = record
+    if first is None:
+        raise ValueError("A journal without SagaStarted has no report.")
+    runtime = timedelta(seconds=end_at - first.at)
+    return Report(
+        start=first.wall,
+        end=first.wall + runtime,
+        runtime=runtime,
+        runs=_runs(journal, first.wall, first.at),
+        error=error,
+    )
+
+
+def _runs(journal: tuple[Record, ...], wall: datetime, anchor: float) -> tuple[ActionRun, ...]:
+    """The runs of a journal that finished, in completion order."""
     started: dict[int, RunStarted] = {}
     finished: list[RunSucceeded | RunFailed] = []
-    clock: _Clock | None = None
-    for record in records:
-        match record:
-            case RunStarted():
-                started[record.run] = record
-            case RunSucceeded() | RunFailed():
-                finished.append(record)
-            case SagaStarted():
-                clock = _Clock(record.wall, record.at)
-    if clock is None:
-        raise ValueError("A journal without SagaStarted has no report.")
+    compensations = False
+    for record in journal:  # exact types: records are never subclassed
+        if type(record) is RunStarted:
+            started[record.run] = record
+            if record.role is Role.COMPENSATION:
+                compensations = True
+        elif type(record) is RunSucceeded or type(record) is RunFailed:
+            finished.append(record)
+
+    # start = wall + (begin - anchor), and end = start + runtime so that
+    # end - start == runtime exactly.
+    def action_run(run: RunStarted, outcome: RunSucceeded | RunFailed) -> ActionRun:
+        start = wall + timedelta(seconds=run.at - anchor)
+        runtime = timedelta(seconds=outcome.at - run.at)
+        failure = outcome.error if type(outcome) is RunFailed else None
+        return ActionRun(
+            run.action, start, start + runtime, runtime, failure, undone_by.get(run.run)
+        )
 
     # A compensation finishes after the run it undoes, so build compensations first.
     undone_by: dict[int, ActionRun] = {}
     built: dict[int, ActionRun] = {}
-    for outcome in finished:
-        run = started[outcome.run]
-        if run.role is Role.COMPENSATION:
-            built[outcome.run] = clock.action_run(run, outcome, None)
-            if type(outcome) is RunSucceeded and run.target is not None:
-                undone_by[run.target] = built[outcome.run]
-    runs = tuple(
-        built.get(outcome.run)
-        or clock.action_run(started[outcome.run], outcome, undone_by.get(outcome.run))
-        for outcome in finished
+    if compensations:
+        for outcome in finished:
+            run = started[outcome.run]
+            if run.role is Role.COMPENSATION:
+                built[outcome.run] = action_run(run, outcome)
+                if type(outcome) is RunSucceeded and run.target is not None:
+                    undone_by[run.target] = built[outcome.run]
+    return tuple(
+        built.get(outcome.run) or action_run(started[outcome.run], outcome) for outcome in finished
     )
-    start, end, runtime = clock.span(clock.anchor, end_at)
-    return Report(start=start, end=end, runtime=runtime, runs=runs, error=error)
-
-
-@attrs.frozen
-class _Clock:
-    """Turns monotonic readings into wall-clock times, all offsets from one anchor."""
-
-    wall: datetime
-    anchor: float
-
-    def span(self, begin: float, end: float) -> tuple[datetime, datetime, timedelta]:
-        # end is computed as start + runtime so that end - start == runtime exactly.
-        start = self.wall + timedelta(seconds=begin - self.anchor)
-        runtime = timedelta(seconds=end - begin)
-        return start, start + runtime, runtime
-
-    def action_run(
-        self, run: RunStarted, outcome: RunSucceeded | RunFailed, undone_by: ActionRun | None
-    ) -> ActionRun:
-        start, end, runtime = self.span(run.at, outcome.at)
-        error = outcome.error if isinstance(outcome, RunFailed) else None
-        return ActionRun(run.action, start, end, runtime, error, undone_by)

@@ -71,6 +71,24 @@ class Action:
         return self.fn(ctx)
 
 
+# Action's slots, set directly by bound_action (its frozen __setattr__ refuses).
+_set_name = Action.__dict__["name"].__set__
+_set_fn = Action.__dict__["fn"].__set__
+_set_is_async = Action.__dict__["is_async"].__set__
+_new_object = object.__new__
+
+
+def bound_action(name: str, fn: ActionFn, is_async: bool) -> Action:
+    """An `Action` whose name, callable and kind were checked already (a compiled saga's
+    method bound to its instance): `Action(...)` re-runs the checks, and its
+    is_async_callable() costs microseconds on every step."""
+    action = _new_object(Action)
+    _set_name(action, name)
+    _set_fn(action, fn)
+    _set_is_async(action, is_async)
+    return action
+
+
 @runtime_checkable
 class Setup(Protocol):
     """What the executor runs: goes' `saga.Setup`."""
@@ -92,7 +110,7 @@ class Setup(Protocol):
 class FunctionalSetup:
     """The immutable setup that `new()` returns."""
 
-    __slots__ = ("_actions", "_compensators", "_sequence", "definition", "name")
+    __slots__ = ("_actions", "_compensators", "_sequence", "_valid", "definition", "name")
 
     def __init__(
         self,
@@ -105,6 +123,7 @@ class FunctionalSetup:
         self._sequence = sequence
         self._compensators = compensators
         self.name = name  # the registered name, for durable execution
+        self._valid = False  # set by the first validate() that passes: it is immutable
         self.definition = Definition.of(sequence, compensators, actions)
 
     def sequence(self) -> Sequence[str]:
@@ -214,6 +233,11 @@ def new(
 # microseconds, which the executor would pay on every execution.
 _SETUP_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
 _SETUP_METHODS = ("sequence", "compensator", "action")
+# Classes whose instances all answer the Setup methods alike (compiled Saga classes,
+# registered by the DSL), and those of them that passed validate() once: validating
+# their instances again would give the same answer.
+STATIC_SETUP_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+_VALID_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 def check_setup(setup: object, api: str) -> Setup:
@@ -238,7 +262,24 @@ def check_setup(setup: object, api: str) -> Setup:
 
 def validate(setup: Setup) -> None:
     """Check a setup's sequence and its compensators; raise for the first problem."""
-    check_setup(setup, "validate")
+    validate_checked(check_setup(setup, "validate"))
+
+
+def validate_checked(setup: Setup) -> None:
+    """`validate` of a setup that `check_setup` accepted."""
+    if type(setup) is FunctionalSetup:
+        if not setup._valid:
+            _validate(setup)
+            setup._valid = True
+        return
+    cls = type(setup)
+    if cls not in _VALID_CLASSES:
+        _validate(setup)
+        if cls in STATIC_SETUP_CLASSES:
+            _VALID_CLASSES.add(cls)
+
+
+def _validate(setup: Setup) -> None:
     for position, name in enumerate(setup.sequence()):
         if not isinstance(name, str):
             raise UsageError(f"Sequence names must be strings, got {describe(name)}.")

@@ -39,13 +39,16 @@ def open_saga(
     build: Build,
     *,
     stored: StoredSaga | None = None,
+    fresh: bool = False,
 ) -> Execution | Ended:
     """Start the claimed saga, resume it from its journal, or return how it ended.
 
     `stored`: the saga as loaded after claiming, if the caller has it already.
+    `fresh`: the saga id was just generated (a uuid4), so the store cannot hold it yet:
+    nothing is loaded, and nothing here does I/O.
     """
     saga_id = claim.saga_id
-    if stored is None:
+    if stored is None and not fresh:
         stored = store.load(saga_id)  # after claiming: nobody else can change it now
     if stored is None:
         fields = _initial_fields(setup)
