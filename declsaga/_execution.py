@@ -173,21 +173,8 @@ class Execution:
 
     def finish_run(self, run: int, result: object) -> BaseException | None:
         """Record a success; return the error it became if the journal cannot store it."""
-        record: RunSucceeded | RunFailed = _new_record(RunSucceeded, (run, result, perf_counter()))
-        # _outcome(), inlined: this runs once per step.
-        with self._lock:
-            if self._sealed or run not in self._open:
-                return None  # a late or second outcome: the first one recorded stands
-            self._open.discard(run)
-            if self.log is not None:
-                record = self.log.outcome(record, self.engine.action_of(run))
-            self.records.append(record)
-            if type(record) is RunSucceeded:
-                self.engine.run_succeeded(record)
-                return None
-            assert type(record) is RunFailed  # the journal could not store the success
-            self.engine.run_failed(record)
-            return record.error
+        recorded = self._outcome(run, _new_record(RunSucceeded, (run, result, perf_counter())))
+        return recorded.error if type(recorded) is RunFailed else None
 
     def fail_run(self, run: int, error: BaseException, *, at: float | None = None) -> None:
         self._outcome(run, RunFailed(run, error, perf_counter() if at is None else at))
