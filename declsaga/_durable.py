@@ -105,13 +105,13 @@ def _entry(record: Record, frame: Frame) -> dict[str, JSON]:
             entry["index"] = record.call_index
         if record.target is not None:
             entry["target"] = record.target
-        entry["at"] = frame.epoch + (record.at - frame.perf)  # frame.to_epoch, inlined
+        entry["at"] = frame.to_epoch(record.at)
         return entry
     if type(record) is RunSucceeded:
         return {
             "kind": "run_succeeded",
             "run": record.run,
-            "at": frame.epoch + (record.at - frame.perf),
+            "at": frame.to_epoch(record.at),
         }
     if type(record) is RunFailed:
         error = encode_error(record.error)

@@ -211,7 +211,7 @@ class Execution:
             self.log.commit(self.engine.status)
 
     async def commit_async(self) -> None:
-        """`commit` from the loop: the store's I/O (and its busy waits) run in a thread."""
+        """`commit` from the loop, which it never blocks (see DurableLog.commit_async)."""
         if self.log is not None:
             await self.log.commit_async(self.engine.status)
 
@@ -384,24 +384,15 @@ class Execution:
 
     def forward_blocking(self) -> None:
         """Run the sequence on the calling thread until it completes or a step fails."""
-        # The loop runs once per step: its lookups are hoisted, and invoke_blocking inlined.
-        next_decision = self.engine.next
         while True:
-            decision = next_decision()
+            decision = self.engine.next()
             if type(decision) is RunStep:
-                action, again = decision
-                if again is None:
-                    run = self.start_run(action.name, Role.STEP)
-                else:
-                    self.restore_fields(again)
-                    run = again
-                if self.log is not None:
-                    self.log.commit(self.engine.status)  # self.commit(), inlined
+                action = decision.action
+                run = self._step_run(decision)
+                self.commit()
                 ctx = Context(self, action, run)
                 try:
-                    result = action.fn(ctx)
-                    if result is not None and isawaitable(result):
-                        result = self.block_on(result)
+                    result = self.invoke_blocking(action, ctx)
                 except BaseException as error:
                     self.fail_run(run, error)
                 else:
@@ -415,21 +406,15 @@ class Execution:
 
     async def forward_async(self) -> None:
         """Run the sequence from the loop until it completes, a step fails, or it is cancelled."""
-        next_decision = self.engine.next  # the loop runs once per step
         while True:
-            decision = next_decision()
+            decision = self.engine.next()
             if type(decision) is RunStep:
-                action, again = decision
-                if again is None:
-                    run = self.start_run(action.name, Role.STEP)
-                else:
-                    self.restore_fields(again)
-                    run = again
+                action = decision.action
+                run = self._step_run(decision)
                 ctx = Context(self, action, run)
                 try:
                     # Inside the try: a cancellation while committing cancels the step.
-                    if self.log is not None:  # self.commit_async(), without its coroutine
-                        await self.log.commit_async(self.engine.status)
+                    await self.commit_async()
                     result = await self.invoke_async(action, ctx, abandonable=False)
                 except asyncio.CancelledError as cancelled:
                     # Recorded only if the run has no real outcome yet (see invoke_async).
@@ -447,6 +432,14 @@ class Execution:
                 return
             else:
                 return
+
+    def _step_run(self, decision: RunStep) -> int:
+        """The run of a step: a new one, or one that executes again after a crash (from
+        the fields recorded when it first started)."""
+        if decision.run is None:
+            return self.start_run(decision.action.name, Role.STEP)
+        self.restore_fields(decision.run)
+        return decision.run
 
     async def rollback(self) -> None:
         """Compensate, newest first, within one time budget for all compensations."""

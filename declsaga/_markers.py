@@ -162,10 +162,7 @@ def step(positional: object = _MISSING, /, *, order: object = _MISSING, name: ob
     `name=` sets the action name (default: the method name). Returns the method itself.
     """
     if _is_function_like(positional):  # bare @step
-        fn = _function(positional, "@step")
-        raise definition_error(
-            _owner(fn), f"method {fn.__name__} uses @step without an order; {_STEP_FIX}"
-        )
+        raise _unordered(_function(positional, "@step"))
 
     def decorate(method: object) -> Any:
         fn = _function(method, spell("step", order=order, name=name))
@@ -178,9 +175,7 @@ def step(positional: object = _MISSING, /, *, order: object = _MISSING, name: ob
                 f"is keyword-only: write {spell('step', order=given, name=name)}",
             )
         if order is _MISSING:
-            raise definition_error(
-                owner, f"method {fn.__name__} uses @step without an order; {_STEP_FIX}"
-            )
+            raise _unordered(fn)
         if not isinstance(order, int) or isinstance(order, bool):
             raise definition_error(
                 owner,
