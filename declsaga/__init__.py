@@ -1,7 +1,11 @@
 """declsaga: declarative SAGAs with goes' exact rollback semantics.
 
-Everything public is re-exported here; the modules behind it are private.
+Everything public is re-exported here; the modules behind it are private. Public
+submodules: `declsaga.stores` (the store contract, stores, `from_url`), `declsaga.worker`
+(`Worker`), `declsaga.inspection` and `declsaga.testing`.
 """
+
+import typing as _typing
 
 from ._components import AggregateRepository as AggregateRepository
 from ._components import Command as Command
@@ -44,6 +48,9 @@ from ._setup import new as new
 from ._setup import validate as validate
 from .stores import SQLiteStore as SQLiteStore
 
+if _typing.TYPE_CHECKING:
+    from .stores._postgres import PostgresStore as PostgresStore
+
 __all__ = [
     "DEFAULT_COMPENSATE_TIMEOUT",
     "Action",
@@ -69,6 +76,7 @@ __all__ = [
     "InvalidSetup",
     "MissingBus",
     "MissingRepository",
+    "PostgresStore",
     "RecordedError",
     "Recovered",
     "Report",
@@ -86,3 +94,18 @@ __all__ = [
     "step",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore's module is imported on first use: it is the one public name whose
+    # store needs an optional extra (psycopg), which the class itself imports lazily.
+    if name == "PostgresStore":
+        from .stores._postgres import PostgresStore  # noqa: PLC0415
+
+        globals()[name] = PostgresStore
+        return PostgresStore
+    raise AttributeError(f"module 'declsaga' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "PostgresStore"})

@@ -15,6 +15,7 @@ __all__ = [
     "EncodeError",
     "HandlerNotFound",
     "InvalidSetup",
+    "LeaseLost",
     "MissingBus",
     "MissingRepository",
     "RecordedError",
@@ -168,6 +169,26 @@ class AggregateNotFound(SagaError, LookupError):
 
 class StoreError(SagaError):
     """The store failed or refused a file; the driver's error is the `__cause__`."""
+
+
+class LeaseLost(StoreError):
+    """The store no longer grants this process the saga: its lease expired (the process
+    was paused or cut off) and another process may have taken the saga over. Nothing
+    of the refused commit was written; the execution stops as after a crash."""
+
+
+class Abandoned(StoreError):
+    """A worker stopped driving a saga at a step boundary (it is shutting down): the
+    saga stays unfinished, its journal complete so far, for another worker. Internal:
+    raised through the same path as a store failure, which stops an execution the same
+    way, and caught by the worker."""
+
+    def __init__(self, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(
+            f"Saga {saga_id!r} was left at a step boundary by a worker that is stopping; "
+            "another worker resumes it."
+        )
 
 
 class SagaBusy(SagaError):

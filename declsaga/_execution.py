@@ -23,7 +23,7 @@ from ._codec import apply_fields
 from ._context import Context
 from ._dsl import Saga
 from ._engine import Compensate, Engine, Finish, RunStep, StartRollback
-from ._errors import ActionNotFound, CompensationTimeout, SagaError
+from ._errors import Abandoned, ActionNotFound, CompensationTimeout, SagaError
 from ._journal import (
     Record,
     Role,
@@ -81,6 +81,7 @@ class Execution:
         "repository",
         "saga_id",
         "setup",
+        "stop_when",
     )
 
     def __init__(
@@ -118,6 +119,8 @@ class Execution:
         self._loop_closing = False  # set under _lock: the private loop takes no more work
         self.log = log  # with a store: where the journal goes
         self._replay = replay  # resuming: what the stored journal recorded
+        # A worker's stop signal: once set, the saga is left at its next step boundary.
+        self.stop_when: threading.Event | None = None
         if replay is None:
             self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
             return
@@ -204,6 +207,18 @@ class Execution:
             self._sealed = True
             if self.log is not None:
                 self.log.add(record)
+
+    def abandon(self) -> Abandoned:
+        """At a step boundary, for a stopping worker: the journal so far is committed
+        (the last step's outcome included, the next step not started), and the error
+        that stops the execution like a crash is returned, to be raised."""
+        self.commit()
+        return Abandoned(self.saga_id)
+
+    async def abandon_async(self) -> Abandoned:
+        """`abandon` from the loop."""
+        await self.commit_async()
+        return Abandoned(self.saga_id)
 
     def commit(self) -> None:
         """Make the journal durable so far; done before acting on what it records."""
@@ -387,6 +402,8 @@ class Execution:
         while True:
             decision = self.engine.next()
             if type(decision) is RunStep:
+                if self.stop_when is not None and self.stop_when.is_set():
+                    raise self.abandon()
                 action = decision.action
                 run = self._step_run(decision)
                 self.commit()
@@ -409,6 +426,8 @@ class Execution:
         while True:
             decision = self.engine.next()
             if type(decision) is RunStep:
+                if self.stop_when is not None and self.stop_when.is_set():
+                    raise await self.abandon_async()
                 action = decision.action
                 run = self._step_run(decision)
                 ctx = Context(self, action, run)
@@ -448,6 +467,8 @@ class Execution:
             decision = self.engine.next()
             if type(decision) is not Compensate:
                 return
+            if self.stop_when is not None and self.stop_when.is_set():
+                raise await self.abandon_async()
             action = decision.action
             run = decision.run
             if budget <= 0:

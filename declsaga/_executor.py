@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import os
+import time
 from asyncio import events
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,8 +21,8 @@ from ._journal import SagaEnded, Status
 from ._loops import off_loop
 from ._report import Recovered, Report, build_report
 from ._setup import Setup, check_setup, validate_checked
-from ._stored import Ended, open_saga, resolve
-from .stores._base import FINAL_STATUSES, Claim, Store
+from ._stored import Ended, check_submitted, ended, open_saga, resolve, submit_saga
+from .stores._base import FINAL_STATUSES, Claim, Store, StoredSaga
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
@@ -104,6 +105,11 @@ class Executor:
         self._compensate_timeout = _seconds(compensate_timeout)
         self._skip_validation = bool(skip_validation)
         self._store = store
+
+    @property
+    def store(self) -> Store | None:
+        """The store that makes executions durable, or None."""
+        return self._store
 
     def __repr__(self) -> str:
         store = "" if self._store is None else f" store={self._store!r}"
@@ -248,12 +254,79 @@ class Executor:
             raise raised
         return report
 
-    # -- recovery --------------------------------------------------------------------------
+    # -- submitting and waiting ------------------------------------------------------------
 
-    def _recovery_store(self) -> Store:
+    def _store_for(self, api: str) -> Store:
         if self._store is None:
-            raise UsageError("recover() needs an executor with a store: Executor(store=...).")
+            raise UsageError(f"{api}() needs an executor with a store: Executor(store=...).")
         return self._store
+
+    def submit(self, setup: Setup, *, saga_id: str | None = None) -> str:
+        """Record `setup` as a pending saga for a worker to run, and return its id at once.
+
+        Idempotent by id: submitting an id that is recorded already (pending, running or
+        ended) changes nothing, as long as it was recorded with the same definition and
+        initial fields (else a `UsageError`)."""
+        store = self._store_for("submit")
+        fresh = saga_id is None
+        checked, saga_id = self._checked(setup, saga_id, "submit")
+        identity = identify(checked)
+        claim = store.claim(saga_id)
+        if claim is None:  # a worker drives it, or another caller is submitting it now
+            check_submitted(store, saga_id, checked, identity)
+            return saga_id
+        try:
+            submit_saga(store, claim, checked, identity, fresh=fresh)
+        finally:
+            store.release(claim)
+        return saga_id
+
+    async def submit_async(self, setup: Setup, *, saga_id: str | None = None) -> str:
+        """`submit` from asyncio code, which it never blocks."""
+        self._store_for("submit_async")
+        return await off_loop(functools.partial(self.submit, setup, saga_id=saga_id))
+
+    def wait(self, saga_id: str, *, timeout: float | None = None) -> Report:
+        """Wait for the saga `saga_id` to end, wherever it runs; return its recorded report
+        or raise its recorded error, as `execute` would have.
+
+        `TimeoutError` if it has not ended within `timeout` seconds (None: no limit); a
+        `UsageError` if the store has no saga with that id. The reporter is not called:
+        whoever ran the saga reported it."""
+        store = self._store_for("wait")
+        deadline = _deadline(saga_id, timeout)
+        pause = _FIRST_POLL
+        while True:
+            stored = _load_known(store, saga_id)
+            if stored.status in FINAL_STATUSES:
+                return self._raise(_recorded(ended(stored)))
+            remaining = _remaining(deadline, saga_id, timeout, stored.status)
+            wait_ended = getattr(store, "wait_ended", None)
+            if wait_ended is not None:
+                wait_ended(saga_id, min(remaining, _LONGEST_WAIT))
+            else:
+                time.sleep(min(remaining, pause))
+                pause = min(pause * 2, _LAST_POLL)
+
+    async def wait_async(self, saga_id: str, *, timeout: float | None = None) -> Report:
+        """`wait` from asyncio code, which it never blocks."""
+        store = self._store_for("wait_async")
+        deadline = _deadline(saga_id, timeout)
+        pause = _FIRST_POLL
+        while True:
+            stored = await off_loop(_load_known, store, saga_id)
+            if stored.status in FINAL_STATUSES:
+                return self._raise(_recorded(ended(stored)))
+            remaining = _remaining(deadline, saga_id, timeout, stored.status)
+            wait_ended = getattr(store, "wait_ended", None)
+            if wait_ended is not None:
+                # Short waits: a cancelled wait_async is not held up for long.
+                await off_loop(wait_ended, saga_id, min(remaining, _LAST_POLL))
+            else:
+                await asyncio.sleep(min(remaining, pause))
+                pause = min(pause * 2, _LAST_POLL)
+
+    # -- recovery --------------------------------------------------------------------------
 
     def recover(self) -> list[Recovered]:
         """Finish every unfinished saga of the store that no live process drives."""
@@ -262,7 +335,7 @@ class Executor:
                 "recover() blocks, but it was called from a running event loop: "
                 "use 'await executor.recover_async()' instead."
             )
-        store = self._recovery_store()
+        store = self._store_for("recover")
         recovered = []
         for saga_id in store.unfinished():
             claim = store.claim(saga_id)
@@ -280,7 +353,7 @@ class Executor:
 
     async def recover_async(self) -> list[Recovered]:
         """`recover()` from asyncio code."""
-        store = self._recovery_store()
+        store = self._store_for("recover_async")
         loop = asyncio.get_running_loop()
         recovered = []
         for saga_id in await off_loop(store.unfinished):
@@ -321,6 +394,43 @@ class Executor:
             return Recovered(claim.saga_id, name, stored.status, None, None, refused)
         assert isinstance(opened, Execution)  # it was unfinished when loaded under the claim
         return opened
+
+
+# Polling a store without notifications: from 5 ms, doubling up to a quarter second.
+_FIRST_POLL = 0.005
+_LAST_POLL = 0.25
+_LONGEST_WAIT = 5.0  # one wait for a notification; the status is checked again after it
+
+
+def _deadline(saga_id: str, timeout: float | None) -> float | None:
+    if not isinstance(saga_id, str) or not saga_id.strip():
+        raise UsageError(f"saga_id must be a non-empty string, got {describe(saga_id)}.")
+    if timeout is None:
+        return None
+    if (
+        not isinstance(timeout, int | float)
+        or isinstance(timeout, bool)
+        or not timeout >= 0  # NaN fails this too
+    ):
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}.")
+    return time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None, saga_id: str, timeout: float | None, status: str) -> float:
+    """Seconds left to wait, or `TimeoutError` once there are none."""
+    if deadline is None:
+        return math.inf
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"Saga {saga_id!r} did not end within {timeout:g}s; it is {status}.")
+    return remaining
+
+
+def _load_known(store: Store, saga_id: str) -> StoredSaga:
+    stored = store.load(saga_id)
+    if stored is None:
+        raise UsageError(f"Saga {saga_id!r} is not in {store!r}: submit or execute it first.")
+    return stored
 
 
 def _recovered(execution: Execution, outcome: tuple[Report, BaseException | None]) -> Recovered:

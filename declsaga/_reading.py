@@ -11,7 +11,7 @@ from ._codec import Undecodable, decode
 from ._durable import Frame, replay
 from ._engine import Finish
 from ._errors import StoreError
-from ._journal import SagaEnded, Status
+from ._journal import SagaEnded
 from ._report import Report, build_report
 from .stores._base import JSON, StoredSaga
 
@@ -24,11 +24,13 @@ class SagaRecord:
 
     saga_id: str
     name: str  # the registered name of its definition
-    status: str  # running, compensating, completed, compensated or failed
+    status: str  # pending, running, compensating, completed, compensated or failed
     fingerprint: str
     definition: JSON  # the sequence, compensators and action names it was started with
     fields: dict[str, Any] | None  # the latest recorded fields (None: a setup without fields)
-    report: Report  # the runs recorded so far; `error` is set once the saga has ended
+    # The runs recorded so far; `error` is set once the saga has ended. None while it is
+    # pending: a submitted saga that has not started has no report yet.
+    report: Report | None
     created: datetime
     updated: datetime
     journal: tuple[JSON, ...]  # the raw journal entries, for display and debugging
@@ -62,11 +64,11 @@ def record_of(stored: StoredSaga) -> SagaRecord:
     return SagaRecord(
         saga_id=stored.header.saga_id,
         name=stored.header.name,
-        status=Status(stored.status).value,
+        status=stored.status,
         fingerprint=stored.header.fingerprint,
         definition=stored.header.definition,
         fields=fields,
-        report=build_report(recorded.records, error, end_at),
+        report=build_report(recorded.records, error, end_at) if recorded.records else None,
         created=datetime.fromtimestamp(stored.created, UTC),
         updated=datetime.fromtimestamp(stored.updated, UTC),
         journal=stored.entries,

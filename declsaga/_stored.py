@@ -16,9 +16,18 @@ from ._execution import Execution
 from ._journal import SagaEnded, Status
 from ._registry import lookup
 from ._setup import FunctionalSetup, Setup
-from .stores._base import FINAL_STATUSES, JSON, Claim, SagaHeader, Store, StoredSaga
+from .stores._base import (
+    FINAL_STATUSES,
+    JSON,
+    PENDING,
+    Claim,
+    Commit,
+    SagaHeader,
+    Store,
+    StoredSaga,
+)
 
-__all__ = ["Ended", "open_saga", "resolve"]
+__all__ = ["Ended", "check_submitted", "ended", "open_saga", "resolve", "submit_saga"]
 
 Build = Callable[[Setup, DurableLog, Replay | None], Execution]
 
@@ -50,20 +59,22 @@ def open_saga(
     saga_id = claim.saga_id
     if stored is None and not fresh:
         stored = store.load(saga_id)  # after claiming: nobody else can change it now
-    if stored is None:
-        fields = _initial_fields(setup)
-        header = SagaHeader(
-            saga_id,
-            identity.name,
-            identity.definition.fingerprint,
-            identity.definition.as_json(),
-            fields,
-        )
+    if stored is not None:
+        _check_same(stored, identity, setup)
+    if stored is None or stored.status == PENDING:
+        # Never started: it starts now, from its initial fields (submitted ones, if any).
+        header = _header(saga_id, setup, identity) if stored is None else stored.header
         log = DurableLog(
-            store, claim, setup, header, seq=0, fields=fields, status=None, frame=Frame()
+            store,
+            claim,
+            setup,
+            header,
+            seq=0 if stored is None else stored.seq,
+            fields=header.fields,
+            status=None,
+            frame=Frame(),
         )
         return build(setup, log, None)
-    _check_same(stored, identity, setup)
     frame = Frame()
     recorded = replay(stored, frame)
     if isinstance(setup, Saga):
@@ -74,9 +85,7 @@ def open_saga(
                 f"The fields of saga {saga_id!r} cannot be decoded here: {error}."
             ) from error
     if stored.status in FINAL_STATUSES:
-        last = recorded.records[-1]
-        assert type(last) is SagaEnded, last
-        return Ended(recorded, Finish(last.status, last.error))
+        return _ended(recorded)
     log = DurableLog(
         store,
         claim,
@@ -88,6 +97,37 @@ def open_saga(
         frame=frame,
     )
     return build(setup, log, recorded)
+
+
+def submit_saga(
+    store: Store, claim: Claim, setup: Setup, identity: Identity, *, fresh: bool
+) -> None:
+    """Record the claimed saga as pending, unless it is recorded already (then it must
+    have been recorded with the same definition and initial fields)."""
+    stored = None if fresh else store.load(claim.saga_id)
+    if stored is not None:
+        _check_same(stored, identity, setup)
+        return
+    store.append(claim, Commit(0, (), PENDING, _header(claim.saga_id, setup, identity)))
+
+
+def check_submitted(store: Store, saga_id: str, setup: Setup, identity: Identity) -> None:
+    """For a saga id that someone else holds: if it is recorded, it must have been
+    recorded with the same definition and initial fields."""
+    stored = store.load(saga_id)
+    if stored is not None:
+        _check_same(stored, identity, setup)
+
+
+def ended(stored: StoredSaga) -> Ended:
+    """How a stored saga that reached a final status ended."""
+    return _ended(replay(stored, Frame()))
+
+
+def _ended(recorded: Replay) -> Ended:
+    last = recorded.records[-1]
+    assert type(last) is SagaEnded, last
+    return Ended(recorded, Finish(last.status, last.error))
 
 
 def resolve(stored: StoredSaga) -> tuple[Setup, Identity] | str:
@@ -118,6 +158,16 @@ def resolve(stored: StoredSaga) -> tuple[Setup, Identity] | str:
             f"{identity.definition.fingerprint} ({changes}). It is left untouched."
         )
     return setup, identity
+
+
+def _header(saga_id: str, setup: Setup, identity: Identity) -> SagaHeader:
+    return SagaHeader(
+        saga_id,
+        identity.name,
+        identity.definition.fingerprint,
+        identity.definition.as_json(),
+        _initial_fields(setup),
+    )
 
 
 def _initial_fields(setup: Setup) -> JSON:

@@ -68,6 +68,36 @@ def _conflict(saga_id: str, seq: int, commits: int) -> str:
     )
 
 
+def _race_for_sagas(store: Store, sources: list[Store], sagas: int = 60) -> None:
+    """Threads taking pending sagas with `claim_next` from `sources` at once: each saga
+    goes to exactly one of them."""
+    for i in range(sagas):
+        store.release(_start(store, f"s-{i}", (), "pending"))
+    taken: list[list[str]] = [[] for _ in sources]
+    barrier = threading.Barrier(len(sources))
+
+    def take(source: Store, mine: list[str]) -> None:
+        barrier.wait()
+        while claims := source.claim_next(3):
+            mine.extend(claim.saga_id for claim in claims)
+
+    workers = [
+        threading.Thread(target=take, args=(source, mine))
+        for source, mine in zip(sources, taken, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    everything = [saga_id for mine in taken for saga_id in mine]
+    assert sorted(everything) == sorted(f"s-{i}" for i in range(sagas))
+    assert all(source.claim_next(5) == [] for source in sources)  # every one is held
+
+
+def _bad_limit(limit: object) -> str:
+    return f"claim_next takes a limit of at least 1, got {limit!r}."
+
+
 def _not_claimed(saga_id: str) -> str:
     return _exactly(
         f"Saga {saga_id!r} is not claimed by this store; claim it before appending to it."
@@ -76,7 +106,8 @@ def _not_claimed(saga_id: str) -> str:
 
 _FIRST_ONLY = "the first commit (seq 0), and only it, carries the saga's header."
 _UNKNOWN_STATUS = (
-    "Unknown saga status 'done'; use one of running, compensating, completed, compensated, failed."
+    "Unknown saga status 'done'; use one of pending, running, compensating, completed, "
+    "compensated, failed."
 )
 
 
@@ -326,13 +357,62 @@ class StoreConformance:
 
     # -- listing --------------------------------------------------------------------------
 
-    def test_unfinished_lists_running_and_compensating_oldest_first(self, store: Store) -> None:
-        statuses = ["running", "completed", "compensating", "failed", "running", "compensated"]
+    def test_unfinished_lists_pending_running_and_compensating_oldest_first(
+        self, store: Store
+    ) -> None:
+        statuses = ["running", "completed", "compensating", "failed", "pending", "compensated"]
         claims = [_start(store, f"s-{i}", status=status) for i, status in enumerate(statuses)]
         assert store.unfinished() == ["s-0", "s-2", "s-4"]
         store.append(claims[2], Commit(1, (), "compensated"))
-        store.append(claims[4], Commit(1, ("still running",)))
+        store.append(claims[4], Commit(1, ("started",), "running"))
         assert store.unfinished() == ["s-0", "s-4"]
+
+    def test_a_submitted_saga_is_pending_until_started(self, store: Store) -> None:
+        claim = _start(store, "s-1", entries=(), status="pending")
+        saga = store.load("s-1")
+        assert saga is not None
+        assert (saga.status, saga.entries, saga.seq) == ("pending", (), 1)
+        assert saga.header == _header("s-1")
+        store.append(claim, Commit(1, ("started",), "running"))
+        saga = store.load("s-1")
+        assert saga is not None
+        assert (saga.status, saga.entries, saga.seq) == ("running", ("started",), 2)
+
+    # -- claiming the next saga -------------------------------------------------------------
+
+    def _unfinished_and_released(self, store: Store, statuses: list[str]) -> None:
+        for i, status in enumerate(statuses):
+            store.release(_start(store, f"s-{i}", status=status))
+
+    def test_claim_next_takes_unfinished_sagas_oldest_first(self, store: Store) -> None:
+        self._unfinished_and_released(
+            store, ["running", "completed", "pending", "failed", "compensating", "compensated"]
+        )
+        first = store.claim_next(2)
+        assert [claim.saga_id for claim in first] == ["s-0", "s-2"]
+        assert [claim.saga_id for claim in store.claim_next(5)] == ["s-4"]
+        assert store.claim_next(1) == []
+        for claim in first:  # they are real claims: held, then free again once released
+            assert store.claim(claim.saga_id) is None
+            store.append(claim, Commit(1, ("resumed",)))
+            store.release(claim)
+        assert [claim.saga_id for claim in store.claim_next(3)] == ["s-0", "s-2"]
+
+    def test_claim_next_skips_held_sagas(self, store: Store) -> None:
+        held = _start(store, "s-0")
+        self._unfinished_and_released(store, [])
+        store.release(_start(store, "s-1", status="pending"))
+        assert [claim.saga_id for claim in store.claim_next(2)] == ["s-1"]
+        store.release(held)
+        assert [claim.saga_id for claim in store.claim_next(2)] == ["s-0"]
+
+    @pytest.mark.parametrize("limit", [0, -1, 1.5, "2", True])
+    def test_claim_next_refuses_a_bad_limit(self, store: Store, limit: Any) -> None:
+        with pytest.raises(ValueError, match=_exactly(_bad_limit(limit))):
+            store.claim_next(limit)
+
+    def test_concurrent_claim_next_never_gives_one_saga_twice(self, store: Store) -> None:
+        _race_for_sagas(store, [store] * 4)
 
     def test_sagas_lists_oldest_first_and_filters_by_status(self, store: Store) -> None:
         statuses = ["running", "completed", "compensating", "completed"]
@@ -427,6 +507,47 @@ class SharedStoreConformance(StoreConformance):
         second_store.append(taken, Commit(1, ("a",)))
         assert store.claim("s-1") is None
 
+    def test_concurrent_claim_next_across_store_objects(
+        self, store: Store, second_store: Store
+    ) -> None:
+        _race_for_sagas(store, [store, second_store] * 3)
+
+    def test_claim_next_across_store_objects(self, store: Store, second_store: Store) -> None:
+        for i in range(3):
+            store.release(_start(store, f"s-{i}", status="pending"))
+        mine = store.claim_next(2)
+        assert [claim.saga_id for claim in mine] == ["s-0", "s-1"]
+        assert [claim.saga_id for claim in second_store.claim_next(5)] == ["s-2"]
+        assert second_store.claim_next(5) == []
+        store.release(mine[0])
+        assert [claim.saga_id for claim in second_store.claim_next(5)] == ["s-0"]
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.filterwarnings("ignore:.*use of fork\\(\\) may lead to deadlocks")
+    def test_a_forked_child_reopens_and_holds_no_claim(self, store: Store) -> None:
+        parents = _start(store, "parent's", ("a",))
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit code, never return into pytest
+            code = 99
+            try:
+                try:
+                    store.append(parents, Commit(1, ("child",)))
+                    code = 2
+                except StoreError:
+                    if store.claim("parent's") is not None:  # a live parent holds it
+                        code = 3
+                    else:
+                        _start(store, "child's", ("from the child",))
+                        code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        saga = store.load("child's")
+        assert saga is not None
+        assert saga.entries == ("from the child",)
+        store.append(parents, Commit(1, ("b",)))  # the parent's connections still work
+
     def test_closing_a_store_releases_its_claims(self, store: Store, second_store: Store) -> None:
         assert store.claim("s-1") is not None
         assert second_store.claim("s-1") is None
@@ -489,6 +610,9 @@ class CrashingStore:
 
     def claim(self, saga_id: str) -> Claim | None:
         return self.store.claim(saga_id)
+
+    def claim_next(self, limit: int) -> list[Claim]:
+        return self.store.claim_next(limit)
 
     def release(self, claim: Claim) -> None:
         self.store.release(claim)

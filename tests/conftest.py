@@ -13,12 +13,15 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from pg import postgres_store
 
 import declsaga
-from declsaga import Context, Executor, Report, Saga, Setup
+from declsaga import Context, Executor, Report, Saga, Setup, SQLiteStore
+from declsaga.stores import MemoryStore, Store
 
 ActionFn = Callable[[Context], Any]
 
@@ -268,3 +271,18 @@ def gate() -> Iterator[threading.Event]:
     event = threading.Event()
     yield event
     event.set()
+
+
+# -- stores -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Each store of declsaga in turn: PostgreSQL's on a fresh schema, dropped afterwards."""
+    if request.param == "postgres":
+        with postgres_store(lease=5.0) as on_server:
+            yield on_server
+        return
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
+    yield made
+    made.close()

@@ -29,6 +29,7 @@ import attrs
 import durablesagas
 import pytest
 from durablesagas import LOG, CardDeclined, OutOfStock, PlaceOrder, Trip
+from pg import POSTGRES_DSN
 
 import declsaga
 from declsaga import (
@@ -56,6 +57,7 @@ from declsaga._errors import STORABLE
 from declsaga._reading import SagaRecord, record_of
 from declsaga.inspection import plan
 from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, Store, StoredSaga
+from declsaga.stores._postgres import PostgresStore
 
 if TYPE_CHECKING:
     from conftest import Run
@@ -90,8 +92,8 @@ def loaded(store: Store, saga_id: str) -> StoredSaga:
     return stored
 
 
-def readable(store: Store) -> MemoryStore | SQLiteStore:
-    assert isinstance(store, MemoryStore | SQLiteStore)
+def readable(store: Store) -> MemoryStore | SQLiteStore | PostgresStore:
+    assert isinstance(store, MemoryStore | SQLiteStore | PostgresStore)
     return store
 
 
@@ -100,6 +102,11 @@ def read(store: Store, saga_id: str) -> SagaRecord:
     record = readable(store).get(saga_id)
     assert record is not None, f"saga {saga_id!r} is not stored"
     return record
+
+
+def runs_of(record: SagaRecord) -> tuple[ActionRun, ...]:
+    assert record.report is not None, f"saga {record.saga_id!r} has not started"
+    return record.report.runs
 
 
 def listed(store: Store, status: str | None = None) -> list[SagaRecord]:
@@ -117,13 +124,6 @@ def keys_finished(stored: StoredSaga) -> set[str]:
 
 
 # -- stores -------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
-    yield made
-    made.close()
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +153,9 @@ class Delegate:
 
     def unfinished(self) -> list[str]:
         return self.inner.unfinished()
+
+    def claim_next(self, limit: int) -> list[Claim]:
+        return self.inner.claim_next(limit)
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         return self.inner.sagas(status)
@@ -932,7 +935,7 @@ def test_recovery_finishes_a_saga_that_died_at_any_commit(store: Store, run: Run
         uninterrupted = [line.replace(run_id, "{id}") for line in LOG]
         expected = read(store, run_id)
         assert expected.status == ("compensated" if fail_car else "completed")
-        assert names(expected.report.runs) == TRIP_RUNS[fail_car]
+        assert names(runs_of(expected)) == TRIP_RUNS[fail_car]
         for at in range(1, TRIP_COMMITS[fail_car] + 1):
             for landed in (False, True):
                 saga_id = f"t-{fail_car}-{at}-{landed}"
@@ -973,7 +976,7 @@ def test_recovery_finishes_a_saga_that_died_at_any_commit(store: Store, run: Run
                         assert one.error is None, where
                 record = read(store, saga_id)
                 assert (record.status, record.fields) == (expected.status, expected.fields), where
-                assert names(record.report.runs) == TRIP_RUNS[fail_car], where
+                assert names(runs_of(record)) == TRIP_RUNS[fail_car], where
                 executed_before = [line for line in before if line != "no upgrade"]
                 executed_after = [line for line in after if line != "no upgrade"]
                 finished = {
@@ -1006,8 +1009,8 @@ def test_a_reexecuted_run_replays_its_recorded_nested_calls(
     assert recovered.status == "completed"
     record = read(store, "t-1")
     assert record.fields == {"budget": 700, "booked": ("flight", "hotel", "car"), "fail_car": False}
-    assert names(record.report.runs) == ["flight", "quote", "upgrade", "hotel", "car"]
-    assert errors(record.report.runs)[2] == ("upgrade", "OutOfStock", "suite")
+    assert names(runs_of(record)) == ["flight", "quote", "upgrade", "hotel", "car"]
+    assert errors(runs_of(record))[2] == ("upgrade", "OutOfStock", "suite")
 
 
 def define_counter() -> type[Saga]:
@@ -1114,8 +1117,8 @@ def test_a_different_action_at_a_recorded_call_position_is_a_saga_error(
     assert str(recovered.error) == message
     assert recovered.status == "compensated"
     assert LOG == ["parent p-1/1", "n2 p-1/4"]  # the parent failed; first was compensated
-    assert names(read(store, "p-1").report.runs) == ["first", "n1", "n2", "parent", "n2"]
-    assert errors(read(store, "p-1").report.runs) == [
+    assert names(runs_of(read(store, "p-1"))) == ["first", "n1", "n2", "parent", "n2"]
+    assert errors(runs_of(read(store, "p-1"))) == [
         None,
         None,
         None,
@@ -1714,7 +1717,7 @@ def test_a_field_that_cannot_be_stored_fails_the_run(
     assert holder.value == 1
     record = read(store, "h-1")
     assert (record.status, record.fields) == ("compensated", {"value": 1})
-    assert errors(record.report.runs)[1] == ("second", "EncodeError", message)
+    assert errors(runs_of(record))[1] == ("second", "EncodeError", message)
 
 
 def test_a_result_that_cannot_be_stored_fails_the_run(store: Store, run: Run) -> None:
@@ -1803,7 +1806,7 @@ def test_cancelling_a_durable_execute_async_rolls_back(store: Store, kind: str) 
     assert isinstance(report.error, asyncio.CancelledError)
     record = read(store, "c-1")
     assert record.status == "compensated"
-    assert errors(record.report.runs) == [
+    assert errors(runs_of(record)) == [
         None,
         ("wait", "RecordedError", "asyncio.exceptions.CancelledError: "),
         None,
@@ -1895,7 +1898,8 @@ def test_sagas_are_read_by_id_and_listed_by_status(store: Store, run: Run) -> No
         "actions": ["charge", "release", "reserve", "ship"],
     }
     assert record.fields == {"order_id": "o-2", "amount": 300, "reserved": False, "charged": 300}
-    assert names(record.report.runs) == ["reserve", "charge", "ship", "release"]
+    assert names(runs_of(record)) == ["reserve", "charge", "ship", "release"]
+    assert record.report is not None
     assert type(record.report.error) is OutOfStock
     assert str(record.report.error) == "order o-2"
     assert record.journal == loaded(store, "compensated").entries
@@ -1903,10 +1907,11 @@ def test_sagas_are_read_by_id_and_listed_by_status(store: Store, run: Run) -> No
 
     running = read(store, "running")
     assert running.fields == {"order_id": "o-4", "amount": 0, "reserved": False, "charged": 0}
-    assert names(running.report.runs) == []  # reserve ran, its outcome was never committed
-    assert running.report.error is None
+    assert names(runs_of(running)) == []  # reserve ran, its outcome was never committed
+    assert running.report is not None and running.report.error is None
     assert read(store, "failed").fields is None
-    assert isinstance(read(store, "failed").report.error, CompensationFailed)
+    failed = read(store, "failed").report
+    assert failed is not None and isinstance(failed.error, CompensationFailed)
 
 
 def test_reading_unknown_ids_and_statuses_and_from_another_store_object(store: Store) -> None:
@@ -1915,14 +1920,18 @@ def test_reading_unknown_ids_and_statuses_and_from_another_store_object(store: S
     with pytest.raises(
         ValueError,
         match=exactly(
-            "Unknown saga status 'done'; use one of running, compensating, completed, "
+            "Unknown saga status 'done'; use one of pending, running, compensating, completed, "
             "compensated, failed."
         ),
     ):
         listed(store, "done")
     assert listed(store, "running") == []
-    if isinstance(store, SQLiteStore):  # another store object on the same file
-        with SQLiteStore(store.path) as other:
+    if isinstance(store, SQLiteStore | PostgresStore):  # another object on the same data
+        with (
+            SQLiteStore(store.path)
+            if isinstance(store, SQLiteStore)
+            else PostgresStore(POSTGRES_DSN, schema=store.schema)
+        ) as other:
             record = other.get("o-1")
             assert record is not None
             assert (record.status, record.fields) == (
@@ -1968,10 +1977,10 @@ def test_a_store_must_be_a_store() -> None:
 
 
 def test_recover_needs_a_store() -> None:
-    message = exactly("recover() needs an executor with a store: Executor(store=...).")
-    with pytest.raises(UsageError, match=message):
+    message = "{}() needs an executor with a store: Executor(store=...)."
+    with pytest.raises(UsageError, match=exactly(message.format("recover"))):
         Executor().recover()
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=exactly(message.format("recover_async"))):
         asyncio.run(Executor().recover_async())
 
 

@@ -3,7 +3,6 @@ pragmas, refusals, other processes, fork, group commit)."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
@@ -406,33 +405,6 @@ def test_processes_opening_and_closing_one_new_file_at_once(path: Path, tmp_path
         assert racer.wait() == 0
     with SQLiteStore(path) as store:
         assert len(store.unfinished()) == 60
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_reopens_and_holds_no_claim(path: Path, store: SQLiteStore) -> None:
-    parents = start(store, "parent's", "a")
-    pid = os.fork()
-    if pid == 0:  # the child: report by exit code, never return into pytest
-        code = 99
-        try:
-            try:
-                store.append(parents, Commit(1, ("child",)))
-                code = 2
-            except StoreError:
-                if store.claim("parent's") is not None:  # a live parent holds it
-                    code = 3
-                else:
-                    start(store, "child's", "from the child")
-                    code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    saga = store.load("child's")
-    assert saga is not None
-    assert saga.entries == ("from the child",)
-    store.append(parents, Commit(1, ("b",)))  # the parent's connection still works
-    assert store.claim("child's") is not None  # the child is gone
 
 
 # -- group commit --------------------------------------------------------------------------

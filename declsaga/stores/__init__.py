@@ -13,6 +13,7 @@ from ._base import SagaHeader as SagaHeader
 from ._base import Store as Store
 from ._base import StoredSaga as StoredSaga
 from ._sqlite import SQLiteStore as SQLiteStore
+from ._urls import from_url as from_url
 from .memory import MemoryStore as MemoryStore
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "SagaHeader",
     "Store",
     "StoredSaga",
+    "from_url",
 ]

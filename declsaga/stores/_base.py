@@ -8,7 +8,7 @@ arrive as JSON-compatible values and come back equal.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 import attrs
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL_STATUSES",
     "JSON",
+    "PENDING",
     "STATUSES",
     "Claim",
     "Commit",
@@ -30,7 +31,9 @@ __all__ = [
 # A JSON-compatible value: dict, list, str, int, float, bool or None, nested.
 JSON = Any
 
-STATUSES = ("running", "compensating", "completed", "compensated", "failed")
+# "pending": submitted (its header and initial fields stored) and not started yet.
+STATUSES = ("pending", "running", "compensating", "completed", "compensated", "failed")
+PENDING = "pending"
 FINAL_STATUSES = frozenset({"completed", "compensated", "failed"})
 
 
@@ -100,7 +103,12 @@ class Store(Protocol):
         ...
 
     def unfinished(self) -> list[str]:
-        """Ids of sagas whose status is running or compensating, oldest first."""
+        """Ids of sagas whose status is pending, running or compensating, oldest first."""
+        ...
+
+    def claim_next(self, limit: int) -> list[Claim]:
+        """Claim up to `limit` unfinished sagas that nobody holds, oldest first, without
+        waiting. Concurrent callers never get the same saga."""
         ...
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
@@ -113,11 +121,19 @@ class Store(Protocol):
 
 
 class Reading:
-    """`get` and `list`: stored sagas decoded for reading, from any process.
+    """`get` and `list`: stored sagas decoded for reading, from any process; and `with
+    store:`, which closes the store at the end of the block.
 
-    A mixin for stores, built on their `load` and `sagas`; decoding needs the classes of
-    Enum and attrs values in the fields to be imported (nothing is ever imported for it).
+    A mixin for stores, built on their `load`, `sagas` and `close`; decoding needs the
+    classes of Enum and attrs values in the fields to be imported (nothing is ever
+    imported for it).
     """
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self: Store, *exc_info: object) -> None:
+        self.close()
 
     def get(self: Store, saga_id: str) -> SagaRecord | None:
         """The saga `saga_id` (status, definition, fields, report so far), or None."""

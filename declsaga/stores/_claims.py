@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol
 
 from declsaga._errors import StoreError
 
-from ._base import JSON, STATUSES, Claim, Commit, SagaHeader, StoredSaga
+from ._base import JSON, STATUSES, Claim, Commit, SagaHeader, Store, StoredSaga
 
 __all__ = [
     "Claims",
@@ -176,7 +176,7 @@ class Claims:
 
     def claim(self, saga_id: str) -> Claim | None:
         if not isinstance(saga_id, str):
-            raise TypeError(f"A saga id is a str, not {saga_id!r} ({type(saga_id).__qualname__}).")
+            raise saga_id_error(saga_id)
         with _registry.lock:
             if self._closed:
                 raise StoreError("The store is closed.")
@@ -211,16 +211,12 @@ class Claims:
 
     def check(self, claim: Claim) -> None:
         """StoreError unless this store holds `claim`."""
-        if type(claim) is not Claim and not isinstance(claim, Claim):
-            raise TypeError(f"Expected a Claim, got {type(claim).__qualname__}.")
+        check_claim_type(claim)
         # `holds`, inlined: this runs on every append.
         with _registry.lock:
             held = self._held(claim) is not None
         if not held:
-            raise StoreError(
-                f"Saga {claim.saga_id!r} is not claimed by this store; claim it before "
-                "appending to it."
-            )
+            raise not_claimed(claim.saga_id)
 
     def release(self, claim: Claim) -> None:
         with _registry.lock:
@@ -313,13 +309,58 @@ def _encode(value: JSON, saga_id: str) -> str:
         ) from error
 
 
+# -- checks every store makes, worded once ---------------------------------------------------
+
+
+class ClaimCheck(Protocol):
+    """What `prepare` needs of a store's claims: StoreError unless `claim` is held."""
+
+    def check(self, claim: Claim) -> None: ...
+
+
+def saga_id_error(saga_id: object) -> TypeError:
+    return TypeError(f"A saga id is a str, not {saga_id!r} ({type(saga_id).__qualname__}).")
+
+
+def check_claim_type(claim: object) -> None:
+    if type(claim) is not Claim and not isinstance(claim, Claim):
+        raise TypeError(f"Expected a Claim, got {type(claim).__qualname__}.")
+
+
+def not_claimed(saga_id: str) -> StoreError:
+    return StoreError(
+        f"Saga {saga_id!r} is not claimed by this store; claim it before appending to it."
+    )
+
+
+def check_limit(limit: object) -> None:
+    """`claim_next`'s limit: an int of at least 1."""
+    if type(limit) is not int or limit < 1:
+        raise ValueError(f"claim_next takes a limit of at least 1, got {limit!r}.")
+
+
+def claim_unfinished(store: Store, limit: int) -> list[Claim]:
+    """`claim_next` for stores whose claims are locks of this host: try the unfinished
+    sagas in turn. A saga may end between the listing and its claim, so whoever claims
+    loads it next, as recovery does."""
+    check_limit(limit)
+    claims: list[Claim] = []
+    for saga_id in store.unfinished():
+        claim = store.claim(saga_id)
+        if claim is not None:
+            claims.append(claim)
+            if len(claims) == limit:
+                break
+    return claims
+
+
 def check_status(status: str) -> str:
     if status not in STATUSES:
         raise ValueError(f"Unknown saga status {status!r}; use one of {', '.join(STATUSES)}.")
     return status
 
 
-def prepare(claims: Claims, claim: Claim, commit: Commit) -> Prepared:
+def prepare(claims: ClaimCheck, claim: Claim, commit: Commit) -> Prepared:
     """Check that `claim` is held and `commit` well formed, and encode it: ValueError for
     a malformed commit (a caller's bug), StoreError for a claim not held."""
     claims.check(claim)

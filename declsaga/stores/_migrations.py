@@ -102,7 +102,7 @@ LOAD = f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE saga_id = ?"
 LOAD_JOURNAL = f"SELECT entries, at FROM journal WHERE saga = {_NUMBER} ORDER BY seq"
 # The number breaks ties between sagas created within one clock tick: creation order.
 UNFINISHED = """
-    SELECT saga_id FROM sagas WHERE status IN ('running', 'compensating')
+    SELECT saga_id FROM sagas WHERE status IN ('pending', 'running', 'compensating')
     ORDER BY created, number
 """
 ALL = f"SELECT {_SAGA_COLUMNS} FROM sagas ORDER BY created, number"

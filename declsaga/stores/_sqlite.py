@@ -26,7 +26,16 @@ from declsaga._loops import Handoff, deliver_all
 
 from . import _migrations as sql
 from ._base import Claim, Commit, Reading, StoredSaga
-from ._claims import Claims, Prepared, after_fork, check_status, conflict, prepare, stored_saga
+from ._claims import (
+    Claims,
+    Prepared,
+    after_fork,
+    check_status,
+    claim_unfinished,
+    conflict,
+    prepare,
+    stored_saga,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -138,12 +147,6 @@ class SQLiteStore(Reading):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self._synchronous!r})"
-
-    def __enter__(self) -> SQLiteStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- the driver boundary ----------------------------------------------------------------
 
@@ -460,6 +463,9 @@ class SQLiteStore(Reading):
         with self._lock, self._translated("listing unfinished sagas"):
             rows = self._conn().execute(sql.UNFINISHED).fetchall()
         return [row[0] for row in rows]
+
+    def claim_next(self, limit: int) -> list[Claim]:
+        return claim_unfinished(self, limit)
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         parameters: tuple[str, ...] = ()

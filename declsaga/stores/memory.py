@@ -16,7 +16,15 @@ import attrs
 from declsaga._errors import StoreError
 
 from ._base import FINAL_STATUSES, Claim, Commit, Reading, StoredSaga
-from ._claims import Claims, after_fork, check_status, conflict, prepare, stored_saga
+from ._claims import (
+    Claims,
+    after_fork,
+    check_status,
+    claim_unfinished,
+    conflict,
+    prepare,
+    stored_saga,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -42,12 +50,6 @@ class MemoryStore(Reading):
         self._claims = Claims(None)
         self._closed = False
         after_fork(self)
-
-    def __enter__(self) -> MemoryStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()  # a parent's thread may have held it at the fork
@@ -106,6 +108,9 @@ class MemoryStore(Reading):
     def unfinished(self) -> list[str]:
         found = self._snapshot(lambda row: row.status not in FINAL_STATUSES)
         return [saga[0] for saga in found]
+
+    def claim_next(self, limit: int) -> list[Claim]:
+        return claim_unfinished(self, limit)
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         if status is not None:
