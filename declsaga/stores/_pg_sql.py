@@ -161,51 +161,66 @@ _RENEW = f"""
 _RELEASE = "DELETE FROM {schema}.claims WHERE saga_id = %(saga_id)s AND token = %(token)s"
 _RELEASE_ALL = "DELETE FROM {schema}.claims WHERE owner = %(owner)s"
 
-# The hot path: one statement, one transaction per commit.
+# An append is one statement, hence one transaction and one round trip, built from the
+# pieces below in three shapes: the first commit of a saga (which creates it), the next
+# ones (the hot path: the leanest), and those that change the status.
 # - `lease` locks the claim's row, and finds it only while the claim is the saga's latest
 #   (its token) and unexpired: a takeover (which updates that row) waits for this append
-#   to commit, or this append sees the new token. Every write below reads from it, so a
-#   lost lease writes nothing.
+#   to commit, or this append sees the new token. Every write reads from it, so a lost
+#   lease writes nothing.
 # - As in SQLite, the journal row is inserted only if the commit is the saga's next one:
 #   seq 0 creates the saga row (ignored if it exists), seq n needs row n - 1, and a
 #   repeat hits the primary key. No row appended means a conflict.
-# - The status changes only with an appended row; a final one notifies `wait_ended`
-#   listeners, when the transaction commits.
+# - The status changes only with an appended row. A final one notifies `wait_ended`
+#   listeners when the transaction commits, and ends the claim: nothing more is written
+#   to an ended saga, so its holder need not release it in another round trip.
 # - `commits`, the journal's length, is read only after a conflict (a CASE evaluates its
 #   subquery lazily): journals are 0..n-1, so it is the last seq + 1, found in the index.
-_APPEND = """
-    WITH lease AS (
+_LEASE = """
+    lease AS (
         SELECT saga_id FROM {schema}.claims
         WHERE saga_id = %(saga_id)s AND token = %(token)s AND expires > clock_timestamp()
         FOR SHARE
-    ), created AS (
+    )"""
+_CREATE = """
+    created AS (
         INSERT INTO {schema}.sagas
             (saga_id, name, fingerprint, definition, fields, status, created, updated)
         SELECT saga_id, %(name)s, %(fingerprint)s, %(definition)s, %(fields)s,
             %(status)s::text, now(), now()
-        FROM lease WHERE %(seq)s::bigint = 0
+        FROM lease
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING number
-    ), target AS (
-        SELECT number FROM created
-        UNION ALL
+    ), target AS (SELECT number FROM created)"""
+_FOLLOW = """
+    target AS (
         SELECT s.number FROM {schema}.sagas AS s JOIN lease USING (saga_id)
-        WHERE %(seq)s::bigint > 0 AND EXISTS (
+        WHERE EXISTS (
             SELECT FROM {schema}.journal AS j
             WHERE j.saga = s.number AND j.seq = %(seq)s::bigint - 1
         )
-    ), appended AS (
+    )"""
+_INSERT = """
+    appended AS (
         INSERT INTO {schema}.journal (saga, seq, entries, at)
         SELECT number, %(seq)s::bigint, %(entries)s, now() FROM target
         ON CONFLICT DO NOTHING
         RETURNING saga
-    ), changed AS (
+    )"""
+_CHANGE = """
+    changed AS (
         UPDATE {schema}.sagas SET status = %(status)s::text, updated = now()
         WHERE number IN (SELECT saga FROM appended)
-        AND %(seq)s::bigint > 0 AND %(status)s::text IS NOT NULL
-    ), ended AS (
+    )"""
+_END = """
+    ended AS (
         SELECT pg_notify(%(channel)s, %(saga_id)s) FROM appended WHERE %(ended)s::boolean
-    )
+    ), released AS (
+        DELETE FROM {schema}.claims
+        WHERE saga_id = %(saga_id)s AND token = %(token)s AND %(ended)s::boolean
+        AND EXISTS (SELECT FROM appended)
+    )"""
+_OUTCOME = """
     SELECT
         EXISTS (SELECT FROM lease),
         EXISTS (SELECT FROM appended),
@@ -213,9 +228,17 @@ _APPEND = """
             SELECT j.seq + 1 FROM {schema}.journal AS j JOIN {schema}.sagas AS s
             ON j.saga = s.number WHERE s.saga_id = %(saga_id)s
             ORDER BY j.seq DESC LIMIT 1
-        ), 0) END,
-        (SELECT count(*) FROM ended)
-"""
+        ), 0) END"""
+_NOTIFIED = ", (SELECT count(*) FROM ended)"  # a SELECT in WITH runs only if read
+
+
+def _with(*pieces: str) -> str:
+    return "WITH " + ",".join(pieces)
+
+
+_APPEND_FIRST = _with(_LEASE, _CREATE, _INSERT, _END) + _OUTCOME + _NOTIFIED
+_APPEND_NEXT = _with(_LEASE, _FOLLOW, _INSERT) + _OUTCOME
+_APPEND_STATUS = _with(_LEASE, _FOLLOW, _INSERT, _CHANGE, _END) + _OUTCOME + _NOTIFIED
 
 # A saga and its whole journal in one statement, hence from one snapshot.
 _SAGAS = """
@@ -249,7 +272,9 @@ class Statements(NamedTuple):
     renew: bytes
     release: bytes
     release_all: bytes
-    append: bytes
+    append_first: bytes
+    append_next: bytes
+    append_status: bytes
     load: bytes
     all: bytes
     with_status: bytes
@@ -264,7 +289,9 @@ _TEMPLATES = {
     "renew": _RENEW,
     "release": _RELEASE,
     "release_all": _RELEASE_ALL,
-    "append": _APPEND,
+    "append_first": _APPEND_FIRST,
+    "append_next": _APPEND_NEXT,
+    "append_status": _APPEND_STATUS,
     "load": _LOAD,
     "all": _ALL,
     "with_status": _WITH_STATUS,

@@ -5,7 +5,7 @@ drops at death: a process cut off or paused for longer than its lease loses the 
 whoever claims it next, and its appends are then refused (`LeaseLost`) because append
 checks the token and the lease in the transaction that writes. A heartbeat thread renews
 the leases of each store object every `lease / 3` seconds. Every append is one statement
-(`_pg_sql._APPEND`); times come from the server's clock only.
+(`_pg_sql._APPEND_*`); times come from the server's clock only.
 
 psycopg and psycopg_pool are optional: imported by the constructor, so that importing
 this module needs neither. Driver errors become `StoreError` in one place, `_store_error`.
@@ -382,15 +382,25 @@ class PostgresStore(Reading):
             "definition": definition,
             "fields": fields,
         }
+        if prepared.seq == 0:
+            statement = self._sql.append_first
+        elif prepared.status is None:
+            statement = self._sql.append_next
+        else:
+            statement = self._sql.append_status
         with self._translated(f"appending to saga {saga_id!r}"), self._pool().connection() as conn:
-            row = conn.execute(self._sql.append, parameters, prepare=True).fetchone()
+            row = conn.execute(statement, parameters, prepare=True).fetchone()
         assert row is not None  # a SELECT without FROM has one row
-        leased, appended, commits, _ = row
+        leased, appended, commits = row[:3]
         if not leased:
             self._lose(saga_id, claim.token)
             raise _lease_lost(saga_id)
         if not appended:
             raise conflict(saga_id, prepared.seq, commits)
+        if parameters["ended"]:  # the statement ended the claim: nothing to release
+            with self._lock:
+                if self._leases.held.get(saga_id) == claim.token:
+                    del self._leases.held[saga_id]
 
     def load(self, saga_id: str) -> StoredSaga | None:
         with self._translated(f"loading saga {saga_id!r}"), self._pool().connection() as conn:

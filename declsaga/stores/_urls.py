@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
-    from ._base import Store
+    from ._postgres import PostgresStore
+    from ._sqlite import SQLiteStore
 
 __all__ = ["from_url", "mask"]
 
@@ -38,7 +39,7 @@ def mask(url: str) -> str:
     return _PASSWORD.sub(r"\1:***@", url)
 
 
-def from_url(url: str) -> Store:
+def from_url(url: str) -> SQLiteStore | PostgresStore:
     """The store that `url` names: `sqlite:///path` or `postgresql://...`.
 
     ValueError for a URL that is malformed or names no store; the store's own errors
@@ -82,7 +83,7 @@ def _options(
     return options, rest
 
 
-def _sqlite(url: str, host: str, path: str, query: list[tuple[str, str]]) -> Store:
+def _sqlite(url: str, host: str, path: str, query: list[tuple[str, str]]) -> SQLiteStore:
     from ._sqlite import SQLiteStore  # noqa: PLC0415 - the stores package imports this
 
     if host or not path.startswith("/") or len(path) < 2:
@@ -99,7 +100,7 @@ def _sqlite(url: str, host: str, path: str, query: list[tuple[str, str]]) -> Sto
     return SQLiteStore(unquote(path[1:]), **options)  # type: ignore[arg-type]
 
 
-def _postgres(url: str, parts: SplitResult, query: list[tuple[str, str]]) -> Store:
+def _postgres(url: str, parts: SplitResult, query: list[tuple[str, str]]) -> PostgresStore:
     from ._postgres import PostgresStore  # noqa: PLC0415 - psycopg is imported only now
 
     options, rest = _options(url, query, _POSTGRES_OPTIONS)

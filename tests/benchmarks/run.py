@@ -7,19 +7,28 @@ measured in the same run, because this machine is shared and noisy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import platform
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
+
+import postgres
 
 import declsaga
 from declsaga import Context
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
 
 STEPS = 10
 ROUNDS = 7
@@ -182,37 +191,107 @@ def bench_concurrent(level: str, directory: Path, concurrency: int) -> float:
         store.close()
 
 
+# -- recovery and memory ---------------------------------------------------------------------
+
+
+def bench_recovery(directory: Path, sagas: int = 10_000) -> float:
+    """Seconds for `recover()` to finish `sagas` sagas that a killed process left
+    unfinished in one SQLite file (their first step started, not finished)."""
+    url = f"sqlite:///{directory / 'recovery.db'}"
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    script = str(HERE / "orphans.py")
+    subprocess.run([sys.executable, script, url, str(sagas)], env=env, check=True)
+    with declsaga.SQLiteStore(directory / "recovery.db") as store:
+        begin = time.perf_counter()
+        recovered = declsaga.Executor(store=store).recover()
+        elapsed = time.perf_counter() - begin
+    assert len(recovered) == sagas and all(r.status == "completed" for r in recovered)
+    return elapsed
+
+
+def bench_memory(sagas: int = 10_000) -> float:
+    """Bytes per in-flight saga: `sagas` async sagas started at once, each waiting in
+    its first step, measured with tracemalloc against the same tasks without a saga."""
+    gate = asyncio.Event()
+
+    async def wait(ctx: Context) -> None:
+        await gate.wait()
+
+    setup = declsaga.new({"wait": wait, "after": anoop}, sequence=["wait", "after"])
+    executor = declsaga.Executor()
+
+    async def held(start: Callable[[], Any]) -> int:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = [asyncio.ensure_future(start()) for _ in range(sagas)]
+        await asyncio.sleep(0.1)  # every task reaches its wait
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        gate.set()
+        await asyncio.gather(*tasks)
+        gate.clear()
+        return used
+
+    async def both() -> float:
+        with_saga = await held(lambda: executor.execute_async(setup))
+        bare = await held(gate.wait)  # the task and its wait alone: the baseline
+        return (with_saga - bare) / sagas
+
+    return asyncio.run(both())
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+class Table:
+    """Rows of (measure, figure, baseline, ratio), printed as one table and written to
+    BENCHMARKS.md."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def add(self, measure: str, figure: str, baseline: str = "", ratio: str = "") -> None:
+        self.rows.append((measure, figure, baseline, ratio))
+        print(f"{measure:<58} {figure:>18} {baseline:>34} {ratio:>8}", flush=True)
+
+    def markdown(self, heading: str) -> str:
+        lines = [
+            heading,
+            "",
+            "| measure | figure | baseline (same run) | ratio |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {' | '.join(row)} |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    heading = (
+        f"declsaga benchmarks, {date.today()}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} cores; medians of {ROUNDS} rounds; `make bench`"
+    )
+    print(heading + "\n")
+    table = Table()
     base = baseline()
-    rows = [
-        ("10 plain function calls (baseline)", base),
+    table.add("10 plain function calls", f"{base * 1e6:.2f} us")
+    for name, seconds in [
         ("in-memory, sync, success", bench_sync(failing=False)),
         ("in-memory, sync, step 10 fails (9 compensations)", bench_sync(failing=True)),
         ("in-memory, async, success", bench_async(failing=False)),
         ("in-memory, async, step 10 fails (9 compensations)", bench_async(failing=True)),
-    ]
-    print(
-        f"declsaga benchmarks, {date.today()}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} cores, median of {ROUNDS} rounds"
-    )
-    print(f"\n{'in-memory saga of 10 steps':<52} {'us/saga':>10} {'us/step':>9} {'x baseline':>11}")
-    for name, seconds in rows:
-        print(
-            f"{name:<52} {seconds * 1e6:>10.2f} {seconds * 1e6 / STEPS:>9.2f} "
-            f"{seconds / base:>11.1f}"
-        )
+    ]:
+        table.add(
+            f"{name}, per step", f"{seconds * 1e6 / STEPS:.2f} us", "10 plain calls / 10",
+            f"{seconds / base:.0f}x",
+        )  # fmt: skip
     with tempfile.TemporaryDirectory() as directory:
-        title = "durable step on SQLite (WAL)"
-        print(f"\n{title:<52} {'raw commit':>10} {'us/step':>9} {'x raw':>11}")
         for level in ("FULL", "NORMAL"):
             raw, step = bench_durable(level, Path(directory))
-            print(
-                f"{'synchronous=' + level:<52} {raw * 1e6:>8.1f}us {step * 1e6:>9.1f} "
-                f"{step / raw:>11.2f}"
-            )
-        print(
-            f"\n{'concurrent async sagas, one process':<52} {'steps/s':>10} {'':>9} {'x one':>11}"
-        )
+            table.add(
+                f"durable step, SQLite synchronous={level}", f"{step * 1e6:.1f} us",
+                f"raw INSERT+COMMIT {raw * 1e6:.1f} us", f"{step / raw:.2f}x",
+            )  # fmt: skip
         for level in ("FULL", "NORMAL"):
             one = bench_concurrent(level, Path(directory), 1)
             for concurrency in (1, 8, 32):
@@ -221,8 +300,37 @@ def main() -> None:
                     if concurrency == 1
                     else bench_concurrent(level, Path(directory), concurrency)
                 )
-                label = f"synchronous={level}, {concurrency} at once"
-                print(f"{label:<52} {rate:>10.0f} {'':>9} {rate / one:>11.2f}")
+                table.add(
+                    f"{concurrency} concurrent async sagas, SQLite {level}", f"{rate:,.0f} steps/s",
+                    f"1 saga: {one:,.0f} steps/s", f"{rate / one:.2f}x",
+                )  # fmt: skip
+        recovery = bench_recovery(Path(directory))
+        table.add(
+            "recover() 10,000 interrupted sagas, SQLite FULL",
+            f"{recovery:.2f} s", f"{recovery / 10_000 * 1e6:.0f} us per saga",
+        )  # fmt: skip
+    table.add("memory per in-flight async saga (10,000 at once)", f"{bench_memory():,.0f} bytes")
+    raw, step = postgres.durable_step(ROUNDS)
+    table.add(
+        "durable step, PostgreSQL", f"{step * 1e6:.0f} us",
+        f"raw psycopg INSERT (autocommit) {raw * 1e6:.0f} us", f"{step / raw:.2f}x",
+    )  # fmt: skip
+    one_worker = 0.0
+    for workers in (1, 2, 4):
+        rate = postgres.worker_throughput(workers, sagas=400)
+        one_worker = one_worker or rate
+        table.add(
+            f"{workers} worker process(es) x 4 slots, PostgreSQL",
+            f"{rate:,.0f} sagas/s ({rate * STEPS:,.0f} steps/s)",
+            f"1 worker: {one_worker:,.0f} sagas/s", f"{rate / one_worker:.2f}x",
+        )  # fmt: skip
+    takeover = postgres.takeover(1_000)
+    table.add(
+        "take over 1,000 orphaned sagas (1 worker, 8 slots), PostgreSQL",
+        f"{takeover:.2f} s", f"{takeover / 1000 * 1e3:.2f} ms per saga",
+    )  # fmt: skip
+    (ROOT / "BENCHMARKS.md").write_text(table.markdown(f"# Benchmarks\n\n{heading}"))
+    print("\nWritten to BENCHMARKS.md.")
     sys.stdout.flush()
 
 
