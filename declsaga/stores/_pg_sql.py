@@ -14,6 +14,7 @@ This module imports psycopg only inside its functions: importing it needs no dri
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from declsaga._errors import StoreError
@@ -21,7 +22,15 @@ from declsaga._errors import StoreError
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["LATEST", "MIGRATIONS", "Statements", "migrate", "schema_version", "statements"]
+__all__ = [
+    "APPEND_PARAMETERS",
+    "LATEST",
+    "MIGRATIONS",
+    "Statements",
+    "migrate",
+    "schema_version",
+    "statements",
+]
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: sagas, their journals, and the claims on them.
@@ -236,8 +245,43 @@ def _with(*pieces: str) -> str:
     return "WITH " + ",".join(pieces)
 
 
+# The appends run on libpq directly (see PostgresStore._append_row): their placeholders
+# become $1, $2, ... in this order, with these types (OIDs of text, int8 and bool).
+APPEND_PARAMETERS = (
+    ("saga_id", 25),
+    ("token", 20),
+    ("seq", 20),
+    ("entries", 25),
+    ("status", 25),
+    ("ended", 16),
+    ("channel", 25),
+    ("name", 25),
+    ("fingerprint", 25),
+    ("definition", 25),
+    ("fields", 25),
+)
+_POSITIONS = {name.encode(): f"${n}".encode() for n, (name, _) in enumerate(APPEND_PARAMETERS, 1)}
+_NAMED = re.compile(rb"%\((\w+)\)s")
+
+
 _APPEND_FIRST = _with(_LEASE, _CREATE, _INSERT, _END) + _OUTCOME + _NOTIFIED
-_APPEND_NEXT = _with(_LEASE, _FOLLOW, _INSERT) + _OUTCOME
+# The hot path, flat: one INSERT ... SELECT, which the server runs faster than the CTEs
+# (about 5%). It returns a row only if it appended; `diagnose` then tells why not.
+_APPEND_NEXT = """
+    INSERT INTO {schema}.journal (saga, seq, entries, at)
+    SELECT s.number, %(seq)s::bigint, %(entries)s, now()
+    FROM {schema}.claims AS c JOIN {schema}.sagas AS s ON s.saga_id = c.saga_id
+    WHERE c.saga_id = %(saga_id)s AND c.token = %(token)s AND c.expires > clock_timestamp()
+    AND EXISTS (
+        SELECT FROM {schema}.journal AS j
+        WHERE j.saga = s.number AND j.seq = %(seq)s::bigint - 1
+    )
+    FOR SHARE OF c
+    ON CONFLICT DO NOTHING
+    RETURNING true, true, NULL::bigint
+"""
+# Why an append wrote nothing: (lease held, false, the journal's length).
+_DIAGNOSE = _with(_LEASE, "appended AS (SELECT NULL::bigint AS saga WHERE false)") + _OUTCOME
 _APPEND_STATUS = _with(_LEASE, _FOLLOW, _INSERT, _CHANGE, _END) + _OUTCOME + _NOTIFIED
 
 # A saga and its whole journal in one statement, hence from one snapshot.
@@ -275,6 +319,7 @@ class Statements(NamedTuple):
     append_first: bytes
     append_next: bytes
     append_status: bytes
+    diagnose: bytes
     load: bytes
     all: bytes
     with_status: bytes
@@ -292,6 +337,7 @@ _TEMPLATES = {
     "append_first": _APPEND_FIRST,
     "append_next": _APPEND_NEXT,
     "append_status": _APPEND_STATUS,
+    "diagnose": _DIAGNOSE,
     "load": _LOAD,
     "all": _ALL,
     "with_status": _WITH_STATUS,
@@ -312,10 +358,14 @@ def _compose(
 
 def statements(schema: str, channel: str, connection: psycopg.Connection[Any]) -> Statements:
     """Every statement with `schema` (and the notification `channel`) quoted in, as for
-    `connection`, once: psycopg would otherwise quote them again at every execution."""
-    return Statements(
-        **{name: _compose(text, schema, connection, channel) for name, text in _TEMPLATES.items()}
-    )
+    `connection`, once: psycopg would otherwise quote them again at every execution.
+    The appends' named placeholders become libpq's positional ones."""
+    composed = {
+        name: _compose(text, schema, connection, channel) for name, text in _TEMPLATES.items()
+    }
+    for name in ("append_first", "append_next", "append_status", "diagnose"):
+        composed[name] = _NAMED.sub(lambda match: _POSITIONS[match[1]], composed[name])
+    return Statements(**composed)
 
 
 def _inspect(connection: psycopg.Connection[Any], schema: str, where: str) -> tuple[bool, int]:

@@ -48,26 +48,28 @@ def url_of(schema: str, **params: object) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
-def durable_step(rounds: int) -> tuple[float, float]:
-    """Median seconds per raw commit (one autocommit INSERT of a journal-sized row: one
-    round trip and one commit, the least a durable step can cost) and per durable step
-    of a 10-step no-op saga, in alternating rounds."""
+def durable_step(rounds: int) -> tuple[float, float, float]:
+    """Median seconds per raw commit, two ways, and per durable step of a 10-step no-op
+    saga, in alternating rounds. The raw commits insert a journal-sized row: with
+    psycopg's defaults (a transaction: BEGIN, INSERT, COMMIT), and in autocommit (one
+    round trip, the least a commit can cost)."""
     with fresh_schema() as schema, PostgresStore(DSN, schema=schema) as store:
-        raw = psycopg.connect(DSN, autocommit=True)
+        autocommit = psycopg.connect(DSN, autocommit=True)
+        transaction = psycopg.connect(DSN)
         table = sql.Identifier(schema, "raw")
-        raw.execute(
-            sql.SQL("CREATE TABLE {} (k TEXT, seq INT, v TEXT, PRIMARY KEY (k, seq))").format(table)
-        )
+        create = sql.SQL("CREATE TABLE {} (k TEXT, seq INT, v TEXT, PRIMARY KEY (k, seq))")
+        autocommit.execute(create.format(table))
         insert = sql.SQL("INSERT INTO {} VALUES (%s, %s, %s)").format(table)
         executor = Executor(store=store)
         commits, sagas = 500, 50
         done = 0
 
-        def raw_commits() -> float:
+        def raw_commits(connection: psycopg.Connection[object]) -> float:
             nonlocal done
             begin = time.perf_counter()
             for i in range(done, done + commits):
-                raw.execute(insert, (f"saga-{i // 10}", i % 10, ENTRY), prepare=True)
+                connection.execute(insert, (f"saga-{i // 10}", i % 10, ENTRY), prepare=True)
+                connection.commit()  # a no-op in autocommit
             done += commits
             return (time.perf_counter() - begin) / commits
 
@@ -77,13 +79,19 @@ def durable_step(rounds: int) -> tuple[float, float]:
                 executor.execute(benchsagas.TEN)
             return (time.perf_counter() - begin) / (sagas * benchsagas.STEPS)
 
-        raw_commits(), steps()  # warm up: connections, prepared statements
-        raws, durables = [], []
+        raw_commits(transaction), raw_commits(autocommit), steps()  # warm up
+        in_transaction, one_trip, durables = [], [], []
         for _ in range(rounds):
-            raws.append(raw_commits())
+            in_transaction.append(raw_commits(transaction))
+            one_trip.append(raw_commits(autocommit))
             durables.append(steps())
-        raw.close()
-    return statistics.median(raws), statistics.median(durables)
+        autocommit.close()
+        transaction.close()
+    return (
+        statistics.median(in_transaction),
+        statistics.median(one_trip),
+        statistics.median(durables),
+    )
 
 
 def _workers(url: str, count: int, concurrency: int) -> list[subprocess.Popen[str]]:
