@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from asyncio import events
 from collections.abc import Callable
@@ -328,47 +329,102 @@ class Executor:
 
     # -- recovery --------------------------------------------------------------------------
 
-    def recover(self) -> list[Recovered]:
-        """Finish every unfinished saga of the store that no live process drives."""
+    def recover(self, *, concurrency: int = 1) -> list[Recovered]:
+        """Finish every unfinished saga of the store that no live process drives.
+
+        `concurrency`: how many sagas to drive at once, each on a thread of its own
+        (their commits share transactions: group commit). The outcomes come in the
+        order of `store.unfinished()`. A store failure stops the recovery: no saga
+        starts after it, the ones running finish, then it is raised."""
         if events._get_running_loop() is not None:
             raise SagaError(
                 "recover() blocks, but it was called from a running event loop: "
                 "use 'await executor.recover_async()' instead."
             )
         store = self._store_for("recover")
-        recovered = []
-        for saga_id in store.unfinished():
-            claim = store.claim(saga_id)
-            if claim is None:
-                continue  # a live process drives it
-            try:
-                opened = self._reopen(store, claim, None)
-                if isinstance(opened, Execution):
-                    recovered.append(_recovered(opened, self._drive(opened)))
-                elif opened is not None:
-                    recovered.append(opened)
-            finally:
-                store.release(claim)
-        return recovered
+        _check_concurrency(concurrency)
+        ids = store.unfinished()
+        outcomes: list[Recovered | None] = [None] * len(ids)
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+        indexes = iter(range(len(ids)))
 
-    async def recover_async(self) -> list[Recovered]:
-        """`recover()` from asyncio code."""
+        def work() -> None:
+            while True:
+                with lock:
+                    index = None if failures else next(indexes, None)
+                if index is None:
+                    return
+                try:
+                    outcomes[index] = self._recover_one(store, ids[index])
+                except BaseException as error:
+                    with lock:
+                        failures.append(error)
+                    return
+
+        if concurrency == 1:
+            work()
+        else:
+            threads = [
+                threading.Thread(target=work, name=f"declsaga-recover-{n}", daemon=True)
+                for n in range(min(concurrency, len(ids)))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if failures:
+            raise failures[0]
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _recover_one(self, store: Store, saga_id: str) -> Recovered | None:
+        claim = store.claim(saga_id)
+        if claim is None:
+            return None  # a live process drives it
+        try:
+            opened = self._reopen(store, claim, None)
+            if isinstance(opened, Execution):
+                return _recovered(opened, self._drive(opened))
+            return opened
+        finally:
+            store.release(claim)
+
+    async def recover_async(self, *, concurrency: int = 1) -> list[Recovered]:
+        """`recover()` from asyncio code; `concurrency` sagas run as tasks at once."""
         store = self._store_for("recover_async")
+        _check_concurrency(concurrency)
         loop = asyncio.get_running_loop()
-        recovered = []
-        for saga_id in await off_loop(store.unfinished):
-            claim = await off_loop(store.claim, saga_id, undo=store.release)
-            if claim is None:
-                continue
-            try:
-                opened = await off_loop(self._reopen, store, claim, loop)
-                if isinstance(opened, Execution):
-                    recovered.append(_recovered(opened, await self._drive_async(opened)))
-                elif opened is not None:
-                    recovered.append(opened)
-            finally:
-                await off_loop(store.release, claim)
-        return recovered
+        ids = await off_loop(store.unfinished)
+        outcomes: list[Recovered | None] = [None] * len(ids)
+        failures: list[BaseException] = []
+        indexes = iter(range(len(ids)))
+
+        async def work() -> None:
+            while not failures and (index := next(indexes, None)) is not None:
+                try:
+                    outcomes[index] = await self._recover_one_async(store, ids[index], loop)
+                except BaseException as error:
+                    failures.append(error)
+                    return
+
+        await asyncio.gather(*(work() for _ in range(min(concurrency, len(ids)))))
+        if failures:
+            raise failures[0]
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _recover_one_async(
+        self, store: Store, saga_id: str, loop: asyncio.AbstractEventLoop
+    ) -> Recovered | None:
+        claim = await off_loop(store.claim, saga_id, undo=store.release)
+        if claim is None:
+            return None
+        try:
+            opened = await off_loop(self._reopen, store, claim, loop)
+            if isinstance(opened, Execution):
+                return _recovered(opened, await self._drive_async(opened))
+            return opened
+        finally:
+            await off_loop(store.release, claim)
 
     def _reopen(
         self, store: Store, claim: Claim, loop: asyncio.AbstractEventLoop | None
@@ -400,6 +456,11 @@ class Executor:
 _FIRST_POLL = 0.005
 _LAST_POLL = 0.25
 _LONGEST_WAIT = 5.0  # one wait for a notification; the status is checked again after it
+
+
+def _check_concurrency(concurrency: object) -> None:
+    if type(concurrency) is not int or concurrency < 1:
+        raise ValueError(f"concurrency must be an int of at least 1, got {concurrency!r}.")
 
 
 def _deadline(saga_id: str, timeout: float | None) -> float | None:

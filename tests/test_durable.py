@@ -2194,3 +2194,66 @@ def test_a_claim_won_while_execute_async_is_cancelled_is_given_back(tmp_path: Pa
     store.release(claim)
     slow.close()
     store.close()
+
+
+# -- recovering many sagas at once --------------------------------------------------------
+
+
+def recover_at_once(executor: Executor, mode: str, concurrency: int) -> list[Recovered]:
+    if mode == "recover":
+        return executor.recover(concurrency=concurrency)
+    return asyncio.run(executor.recover_async(concurrency=concurrency))
+
+
+@pytest.mark.parametrize("mode", ["recover", "recover_async"])
+def test_recovering_many_sagas_at_once(store: Store, mode: str) -> None:
+    ids = [f"o-{i:02}" for i in range(12)]
+    for i, saga_id in enumerate(ids):
+        amount = 200 if i % 3 == 0 else 10  # above 100, `ship` fails: a rollback
+        crash(store, 2, blocking, PlaceOrder(order_id=saga_id, amount=amount), saga_id)
+    del LOG[:]
+    recovered = recover_at_once(Executor(store=store), mode, concurrency=4)
+    assert [one.saga_id for one in recovered] == ids  # in the order of unfinished()
+    for i, one in enumerate(recovered):
+        assert one.status == ("compensated" if i % 3 == 0 else "completed"), one
+        ran = [line.split()[0] for line in LOG if line.split()[1].startswith(f"{one.saga_id}/")]
+        # The step in flight at the crash runs again, then the rest, each once.
+        rest = ["charge", "ship", "release"] if i % 3 == 0 else ["charge", "ship"]
+        assert ran == ["reserve", *rest], (one.saga_id, ran)
+    assert store.unfinished() == []
+
+
+class FailsFor(Delegate):
+    """Its appends for one saga fail, as a store that breaks in the middle of recovery."""
+
+    def __init__(self, inner: Store, saga_id: str) -> None:
+        super().__init__(inner)
+        self.saga_id = saga_id
+
+    def append(self, claim: Claim, commit: Commit) -> None:
+        if claim.saga_id == self.saga_id:
+            raise StoreError(CRASH)
+        self.inner.append(claim, commit)
+
+
+@pytest.mark.parametrize("mode", ["recover", "recover_async"])
+def test_a_store_failure_stops_a_recovery_at_once(store: Store, mode: str) -> None:
+    ids = [f"o-{i:02}" for i in range(8)]
+    for saga_id in ids:
+        crash(store, 2, blocking, PlaceOrder(order_id=saga_id), saga_id)
+    with pytest.raises(StoreError, match=exactly(CRASH)):
+        recover_at_once(Executor(store=FailsFor(store, "o-03")), mode, concurrency=2)
+    unfinished = store.unfinished()
+    assert "o-03" in unfinished  # left as it was, for the next recovery
+    # No saga starts after the failure: at most the other worker's saga was running.
+    assert len(unfinished) >= len(ids) - 4
+    assert [one.saga_id for one in Executor(store=store).recover()] == unfinished
+
+
+@pytest.mark.parametrize("concurrency", [0, -1, 1.5, True, "2"])
+def test_recover_refuses_a_bad_concurrency(store: Store, concurrency: Any) -> None:
+    message = exactly(f"concurrency must be an int of at least 1, got {concurrency!r}.")
+    with pytest.raises(ValueError, match=message):
+        Executor(store=store).recover(concurrency=concurrency)
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(Executor(store=store).recover_async(concurrency=concurrency))
