@@ -25,14 +25,23 @@ class Context:
     valid while its run lasts: afterwards every call is refused.
     """
 
-    __slots__ = ("_abandonable", "_calls", "_closed", "_execution", "_run", "action")
+    __slots__ = ("_abandonable", "_calls", "_closed", "_execution", "_run", "action", "attempt")
 
     def __init__(
-        self, execution: Execution, action: Action, run: int, *, abandonable: bool = False
+        self,
+        execution: Execution,
+        action: Action,
+        run: int,
+        *,
+        abandonable: bool = False,
+        attempt: int = 1,
     ) -> None:
         self._execution = execution
         self.action = action
         self._run = run
+        # Which attempt of this run this is: 1, then 2, 3... when a retry policy runs it
+        # again. The idempotency key stays the same across attempts.
+        self.attempt = attempt
         self._calls = 0
         self._closed = False
         # True within a compensation: the budget may abandon this run, so nothing waits

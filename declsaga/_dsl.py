@@ -31,6 +31,7 @@ from ._markers import (
     spell,
     step,
 )
+from ._policies import ActionPolicy, seconds_problem
 from ._registry import Definition, register
 from ._setup import STATIC_SETUP_CLASSES, Action, bound_action, is_async_callable
 
@@ -50,8 +51,13 @@ _COMPILED = "__declsaga__"
 # metaclass recognises that copy and does not compile it a second time.
 _REBUILD = "__declsaga_rebuild__"
 _SETUP_METHODS = frozenset({"sequence", "compensator", "action"})
+# Methods of Saga beyond the Setup protocol that the executor looks up with getattr():
+# prefixed, so that they never clash with a saga's own fields (a `deadline` field, say)
+# nor with what a hand-written setup class happens to define.
+_POLICY_METHODS = frozenset({"_declsaga_policies", "_declsaga_policy", "_declsaga_deadline"})
+_RESERVED = _SETUP_METHODS | _POLICY_METHODS
 # Keyword arguments accepted in `class X(Saga, ...)`.
-_CLASS_OPTIONS: frozenset[str] = frozenset({"name"})
+_CLASS_OPTIONS: frozenset[str] = frozenset({"name", "deadline"})
 _FACTORY: type = type(attrs.Factory(list))
 
 
@@ -71,6 +77,7 @@ class ActionInfo:
     compensates: str | None  # compensators only: the action they undo
     defined_in: type  # the class whose body defines the method
     function: Callable[..., object] = attrs.field(repr=False)
+    policy: ActionPolicy | None = None  # its retry= and timeout=, if either is given
 
 
 @final
@@ -85,6 +92,10 @@ class SagaPlan:
     steps: tuple[ActionInfo, ...]  # in sequence order
     actions: tuple[ActionInfo, ...]  # every action, base classes' definitions first
     compensators: Mapping[str, str] = attrs.field(hash=False)  # action -> compensator
+    # action -> its retry= and timeout=, for the actions that have either; not part of
+    # the fingerprint: changing a policy does not change what recovery relies on.
+    policies: Mapping[str, ActionPolicy] = attrs.field(hash=False, factory=dict)
+    deadline: float | None = None  # seconds: `class X(Saga, deadline=...)`, inherited
 
 
 @final
@@ -97,6 +108,8 @@ class _Compiled:
     # action name -> (function, is_async): a bound method is async exactly when its
     # function is, so is_async is computed once per class, not on every step.
     functions: dict[str, tuple[Callable[..., object], bool]]
+    policies: dict[str, ActionPolicy]
+    deadline: float | None
     plan: SagaPlan
     definition: Definition
 
@@ -138,7 +151,7 @@ def _collect(cls: type, namespace: Mapping[str, object]) -> list[_Entry]:
     entries = []
     for key, (klass, value) in latest.items():
         where = "" if klass is cls else f" (inherited from {klass.__qualname__})"
-        if key in _SETUP_METHODS:
+        if key in _RESERVED:
             if klass is not Saga:
                 kind = "method" if callable(value) else "attribute"
                 raise definition_error(
@@ -218,6 +231,12 @@ def _unknown(target: str, entries: list[_Entry], cls: type) -> str:
     return text
 
 
+def _policy(marker: Marker) -> ActionPolicy | None:
+    if marker.retry is None and marker.timeout is None:
+        return None
+    return ActionPolicy(retry=marker.retry, timeout=marker.timeout)
+
+
 def _freeze(
     cls: type[Saga], saga_name: str, entries: list[_Entry], compensators: dict[str, str]
 ) -> _Compiled:
@@ -231,9 +250,11 @@ def _freeze(
             compensates=entry.marker.target,
             defined_in=entry.defined_in,
             function=entry.function,
+            policy=_policy(entry.marker),
         )
         for entry in entries
     }
+    policies = {name: info.policy for name, info in infos.items() if info.policy is not None}
     steps = sorted((i for i in infos.values() if i.kind == "step"), key=lambda i: i.order or 0)
     sequence = tuple(info.name for info in steps)
     definition = Definition.of(sequence, compensators, infos)
@@ -245,16 +266,17 @@ def _freeze(
         steps=tuple(steps),
         actions=tuple(infos.values()),
         compensators=MappingProxyType(compensators),
+        policies=MappingProxyType(policies),
     )
     functions = {name: (info.function, info.is_async) for name, info in infos.items()}
-    return _Compiled(sequence, compensators, functions, plan, definition)
+    return _Compiled(sequence, compensators, functions, policies, None, plan, definition)
 
 
 def _check_fields(cls: type) -> None:
     for field in attrs.fields(cls):
         if field.inherited:
             continue
-        if field.name in _SETUP_METHODS:
+        if field.name in _RESERVED:
             raise definition_error(
                 cls.__qualname__,
                 f"field {field.name} shadows the Setup method {field.name}() that the "
@@ -272,6 +294,20 @@ def _check_fields(cls: type) -> None:
                 "instances would share; use attrs.field(factory=...) instead, "
                 f"e.g. attrs.field(factory={type(default).__name__})",
             )
+
+
+def _deadline(owner: str, cls: type, options: Mapping[str, object]) -> float | None:
+    """The `deadline=` class keyword if given (None removes an inherited deadline), else
+    the deadline of the nearest compiled base class."""
+    if "deadline" not in options:
+        return next(
+            (found.deadline for base in cls.__mro__[1:] if (found := compiled(base)) is not None),
+            None,
+        )
+    deadline = options["deadline"]
+    if deadline is not None and (problem := seconds_problem(deadline)) is not None:
+        raise definition_error(owner, f"the deadline= class keyword {problem}")
+    return cast("float | None", deadline)
 
 
 # --- the base class ---
@@ -319,7 +355,12 @@ class _SagaMeta(type):
                 f"the name= class keyword must be a non-empty string, got {describe(registered)}",
             )
         saga_name = registered or f"{cls.__module__}.{qualname}"
+        deadline = _deadline(qualname, cls, options)
         plan = _compile(cast("type[Saga]", cls), namespace, saga_name)
+        if deadline is not None:
+            plan = attrs.evolve(
+                plan, deadline=deadline, plan=attrs.evolve(plan.plan, deadline=deadline)
+            )
         conflict = register(
             saga_name, cls, f"class {cls.__module__}.{qualname}", explicit=registered is not None
         )
@@ -368,3 +409,17 @@ class Saga(metaclass=_SagaMeta):
             return None
         function, is_async = found
         return bound_action(name, function.__get__(self), is_async)
+
+    # Beyond the Setup protocol: the executor looks these up with getattr(), and calls
+    # _declsaga_policy on every step, so they stay lookups in the compiled plan.
+    def _declsaga_policies(self) -> Mapping[str, ActionPolicy]:
+        """Every action's retry= and timeout=, by action name (read-only; empty if none)."""
+        return self.__declsaga__.plan.policies
+
+    def _declsaga_policy(self, name: str) -> ActionPolicy | None:
+        """The retry= and timeout= of action `name`, or None if it has neither."""
+        return self.__declsaga__.policies.get(name)
+
+    def _declsaga_deadline(self) -> float | None:
+        """The saga's deadline in seconds (`class X(Saga, deadline=...)`), or None."""
+        return self.__declsaga__.deadline

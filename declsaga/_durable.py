@@ -22,6 +22,7 @@ from ._codec import Undecodable, Unencodable, apply_fields, decode, encode, enco
 from ._dsl import Saga, compiled
 from ._errors import EncodeError, StoreError, UsageError, describe
 from ._journal import (
+    AttemptFailed,
     Record,
     Role,
     RollbackStarted,
@@ -121,6 +122,15 @@ def _entry(record: Record, frame: Frame) -> dict[str, JSON]:
             "error": error,
             "at": frame.to_epoch(record.at),
         }
+    if type(record) is AttemptFailed:
+        return {
+            "kind": "attempt_failed",
+            "run": record.run,
+            "attempt": record.attempt,
+            "error": encode_error(record.error),
+            "delay": record.delay,
+            "at": frame.to_epoch(record.at),
+        }
     if type(record) is RollbackStarted:
         return {"kind": "rollback_started", "error": encode_error(record.error)}
     if type(record) is SagaEnded:
@@ -156,6 +166,14 @@ def _record(entry: Any, frame: Frame, saga_id: str) -> Record:
             )
         if kind == "run_failed":
             return RunFailed(entry["run"], decode_error(entry["error"]), frame.to_perf(entry["at"]))
+        if kind == "attempt_failed":
+            return AttemptFailed(
+                entry["run"],
+                entry["attempt"],
+                decode_error(entry["error"]),
+                entry["delay"],
+                frame.to_perf(entry["at"]),
+            )
         if kind == "rollback_started":
             return RollbackStarted(decode_error(entry["error"]))
         if kind == "saga_ended":

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from ._errors import ActionNotFound, CompensationFailed
 from ._journal import (
+    AttemptFailed,
     Record,
     Role,
     RollbackStarted,
@@ -119,7 +120,8 @@ class Engine:
             self._rollback_pos = len(self._succeeded) - 1
         elif type(record) is SagaEnded:
             self._ended = Finish(record.status, record.error)
-        elif type(record) is not SagaStarted:
+        elif type(record) is not SagaStarted and type(record) is not AttemptFailed:
+            # An attempt that failed leaves its run open: the rules do not change.
             raise TypeError(f"Unknown journal record {record!r}.")
 
     # The three run transitions, also called directly by drivers that know the record's

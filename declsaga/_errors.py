@@ -10,6 +10,7 @@ __all__ = [
     "AggregateNotFound",
     "CompensationFailed",
     "CompensationTimeout",
+    "DeadlineExceeded",
     "DefinitionError",
     "EmptyActionName",
     "EncodeError",
@@ -21,6 +22,7 @@ __all__ = [
     "RecordedError",
     "SagaBusy",
     "SagaError",
+    "StepTimeout",
     "StoreError",
     "UsageError",
     "describe",
@@ -111,6 +113,27 @@ class CompensationTimeout(SagaError, TimeoutError):
         super().__init__(
             f"The rollback ran out of its {timeout:g}s budget while compensating "
             f"action {action!r} with {compensator!r}."
+        )
+
+
+class StepTimeout(SagaError, TimeoutError):
+    """An action ran past its `timeout`: an async one was cancelled, a sync one abandoned
+    (Python cannot stop a thread: it runs on, and its late outcome is discarded)."""
+
+    def __init__(self, action: str, timeout: float) -> None:
+        self.action = action
+        self.timeout = timeout
+        super().__init__(f"Action {action!r} did not finish within its timeout of {timeout:g}s.")
+
+
+class DeadlineExceeded(SagaError, TimeoutError):
+    """The saga's deadline passed: forward progress stopped and the rollback started."""
+
+    def __init__(self, action: str, deadline: float) -> None:
+        self.action = action
+        self.deadline = deadline
+        super().__init__(
+            f"The saga's deadline of {deadline:g}s passed at action {action!r}; it rolls back."
         )
 
 

@@ -19,12 +19,14 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _threads
+from ._attempts import Limits, attempt_async, attempt_blocking, late
 from ._codec import apply_fields
 from ._context import Context
 from ._dsl import Saga
 from ._engine import Compensate, Engine, Finish, RunStep, StartRollback
-from ._errors import Abandoned, ActionNotFound, CompensationTimeout, SagaError
+from ._errors import Abandoned, ActionNotFound, CompensationTimeout, DeadlineExceeded, SagaError
 from ._journal import (
+    AttemptFailed,
     Record,
     Role,
     RollbackStarted,
@@ -45,6 +47,7 @@ from ._loops import (
     unwrap,
     wait_uncancellable,
 )
+from ._policies import DEFAULT_COMPENSATOR_RETRY, SystemClock
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
@@ -52,6 +55,9 @@ if TYPE_CHECKING:
     from ._setup import Action, Setup
 
 __all__ = ["Execution"]
+
+# Without an executor's limits: the real clock, no deadline, no policies.
+_NO_LIMITS = Limits(SystemClock(), None, None, None, steps=False)
 
 T = TypeVar("T")
 
@@ -76,6 +82,8 @@ class Execution:
         "compensate_timeout",
         "engine",
         "event_bus",
+        "last_attempt",
+        "limits",
         "log",
         "records",
         "repository",
@@ -96,6 +104,7 @@ class Execution:
         loop: asyncio.AbstractEventLoop | None,
         log: DurableLog | None = None,
         replay: Replay | None = None,
+        limits: Limits = _NO_LIMITS,
     ) -> None:
         self.setup = setup
         self.saga_id = saga_id
@@ -121,13 +130,18 @@ class Execution:
         self._replay = replay  # resuming: what the stored journal recorded
         # A worker's stop signal: once set, the saga is left at its next step boundary.
         self.stop_when: threading.Event | None = None
+        # The clock, the policies and the deadline (see _attempts.Limits).
+        self.limits = limits
+        self.last_attempt: dict[int, AttemptFailed] = {}  # run -> its last failed attempt
         if replay is None:
             self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
             return
         for record in replay.records:
             self.records.append(record)
             self.engine.apply(record)
-            if type(record) is RunStarted:
+            if type(record) is AttemptFailed:
+                self.last_attempt[record.run] = record
+            elif type(record) is RunStarted:
                 self._open.add(record.run)
                 self._next_run = record.run + 1
             elif type(record) is RunSucceeded or type(record) is RunFailed:
@@ -259,6 +273,7 @@ class Execution:
         except asyncio.CancelledError:
             if abandonable or future.cancel():
                 waiter.add_done_callback(consume)
+                future.add_done_callback(late(action.name))  # runs on the thread's side
                 raise
             # The thread cannot be interrupted: record its real outcome, then propagate.
             await wait_uncancellable(waiter)
@@ -405,6 +420,13 @@ class Execution:
                 if self.stop_when is not None and self.stop_when.is_set():
                     raise self.abandon()
                 action = decision.action
+                limits = self.limits
+                if limits.steps and (governed := self._governed(decision, limits)) is not False:
+                    if governed:
+                        run = self._step_run(decision)
+                        self.commit()
+                        attempt_blocking(self, action, run, limits)
+                    continue
                 run = self._step_run(decision)
                 self.commit()
                 ctx = Context(self, action, run)
@@ -429,6 +451,18 @@ class Execution:
                 if self.stop_when is not None and self.stop_when.is_set():
                     raise await self.abandon_async()
                 action = decision.action
+                limits = self.limits
+                if limits.steps and (governed := self._governed(decision, limits)) is not False:
+                    if governed:
+                        run = self._step_run(decision)
+                        try:
+                            await self.commit_async()
+                            await attempt_async(self, action, run, limits)
+                        except asyncio.CancelledError as cancelled:
+                            self.fail_run(run, cancelled)
+                            self.append(RollbackStarted(cancelled))
+                            return
+                    continue
                 run = self._step_run(decision)
                 ctx = Context(self, action, run)
                 try:
@@ -451,6 +485,19 @@ class Execution:
                 return
             else:
                 return
+
+    def _governed(self, decision: RunStep, limits: Limits) -> bool | None:
+        """Whether this step runs under a policy or the deadline (the long path); None
+        if the deadline has passed: then the step does not start, the rollback does."""
+        if limits.past_deadline():
+            assert limits.deadline is not None
+            error = DeadlineExceeded(decision.action.name, limits.deadline)
+            if decision.run is None:
+                self.append(RollbackStarted(error))
+            else:  # in flight at a crash: it fails, and the engine starts the rollback
+                self.fail_run(decision.run, error)
+            return None
+        return limits.deadline_at is not None or limits.policy(decision.action.name) is not None
 
     def _step_run(self, decision: RunStep) -> int:
         """The run of a step: a new one, or one that executes again after a crash (from
@@ -485,24 +532,38 @@ class Execution:
             else:
                 self.restore_fields(run)
             await self.commit_async()
-            ctx = Context(self, action, run, abandonable=True)
             begin = perf_counter()
+            contexts: list[Context] = []
+
+            def budget_left(left: float = budget, begin: float = begin) -> float:
+                return left - (perf_counter() - begin)
+
             # Captured: a KeyboardInterrupt or SystemExit would otherwise escape the
-            # compensator's task and the event loop, leaving the saga unconcluded.
-            task = asyncio.ensure_future(captured(self.invoke_async(action, ctx, abandonable=True)))
+            # compensator's task and the event loop, leaving the saga unconcluded. Its
+            # attempts record the outcome; the budget may cut them short.
+            attempts = attempt_async(
+                self,
+                action,
+                run,
+                self.limits,
+                default=DEFAULT_COMPENSATOR_RETRY,
+                budget_left=budget_left,
+                abandonable=True,
+                contexts=contexts,
+            )
+            task = asyncio.ensure_future(captured(attempts))
             done, _ = await asyncio.wait({task}, timeout=None if math.isinf(budget) else budget)
             budget -= perf_counter() - begin
-            ctx._closed = True
             if not done:
+                if contexts:
+                    contexts[-1]._closed = True  # before the cancellation reaches it
                 task.cancel()
                 task.add_done_callback(consume)
                 self.fail_run(run, self._timeout(decision))
                 continue
             succeeded, value = task.result()
-            if succeeded:
-                self.finish_run(run, value)
-            else:  # a compensator's failure, whatever it is
-                self.fail_run(run, cast(BaseException, value))
+            if not succeeded:  # a failure of the driver itself (a store's, say)
+                raise cast(BaseException, value)
 
     def _timeout(self, decision: Compensate) -> CompensationTimeout:
         return CompensationTimeout(

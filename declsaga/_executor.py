@@ -15,11 +15,13 @@ from datetime import timedelta
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
+from ._attempts import Limits
 from ._durable import identify
 from ._errors import CompensationFailed, SagaBusy, SagaError, StoreError, UsageError, describe
 from ._execution import Execution
-from ._journal import SagaEnded, Status
+from ._journal import SagaEnded, SagaStarted, Status
 from ._loops import off_loop
+from ._policies import Clock, SystemClock, seconds_problem
 from ._report import Recovered, Report, build_report
 from ._setup import Setup, check_setup, validate_checked
 from ._stored import Ended, check_submitted, ended, open_saga, resolve, submit_saga
@@ -37,6 +39,15 @@ __all__ = ["DEFAULT_COMPENSATE_TIMEOUT", "Executor", "execute", "outcome_error"]
 DEFAULT_COMPENSATE_TIMEOUT: Final = 10.0
 
 Reporter = Callable[[Report], object]
+
+_SYSTEM_CLOCK = SystemClock()
+_SHORT = Limits(_SYSTEM_CLOCK, None, None, None, steps=False)  # no policies, no deadline
+
+# How a setup exposes its policies (see `_dsl` and `_setup`): whether it has any, one
+# action's, and its deadline. Not part of the Setup protocol, which SPEC fixes.
+_POLICY = "_declsaga_policies"
+_POLICY_OF = "_declsaga_policy"
+_DEADLINE = "_declsaga_deadline"
 
 
 def _new_saga_id() -> str:
@@ -73,8 +84,10 @@ class Executor:
     """
 
     __slots__ = (
+        "_clock",
         "_command_bus",
         "_compensate_timeout",
+        "_deadline",
         "_event_bus",
         "_reporter",
         "_repository",
@@ -92,6 +105,8 @@ class Executor:
         compensate_timeout: float | timedelta = DEFAULT_COMPENSATE_TIMEOUT,
         skip_validation: bool = False,
         store: Store | None = None,
+        clock: Clock | None = None,
+        deadline: float | None = None,
     ) -> None:
         if reporter is not None and not callable(reporter):
             raise UsageError(
@@ -106,6 +121,15 @@ class Executor:
         self._compensate_timeout = _seconds(compensate_timeout)
         self._skip_validation = bool(skip_validation)
         self._store = store
+        if clock is not None and not isinstance(clock, Clock):
+            raise UsageError(
+                "clock must have monotonic(), sleep() and async sleep_async(), got "
+                f"{describe(clock)}."
+            )
+        self._clock = clock
+        if deadline is not None and (problem := seconds_problem(deadline)) is not None:
+            raise ValueError(f"deadline {problem}.")
+        self._deadline = deadline
 
     @property
     def store(self) -> Store | None:
@@ -128,6 +152,26 @@ class Executor:
             validate_checked(checked)
         return checked, saga_id
 
+    def _limits(self, setup: Setup, replay: Replay | None) -> Limits:
+        """The clock, deadline and policies an execution of `setup` runs under; its
+        steps take the short path if it has neither policies nor a deadline."""
+        policies = getattr(setup, _POLICY, None)
+        deadline_of = getattr(setup, _DEADLINE, None)
+        deadline = deadline_of() if deadline_of is not None else None
+        if deadline is None:
+            deadline = self._deadline
+        if deadline is None and (policies is None or not policies()):
+            return _SHORT if self._clock is None else Limits(self._clock, None, None, None, False)
+        clock = _SYSTEM_CLOCK if self._clock is None else self._clock
+        deadline_at = None
+        if deadline is not None:
+            # From the saga's first start, also when it resumes after a crash.
+            started = next(r for r in replay.records if type(r) is SagaStarted) if replay else None
+            elapsed = 0.0 if started is None else time.time() - started.wall.timestamp()
+            deadline_at = clock.monotonic() + deadline - elapsed
+        policy = getattr(setup, _POLICY_OF, None)
+        return Limits(clock, deadline, deadline_at, policy)
+
     def _execution(
         self,
         setup: Setup,
@@ -146,6 +190,7 @@ class Executor:
             loop=loop,
             log=log,
             replay=replay,
+            limits=self._limits(setup, replay),
         )
 
     def execute(self, setup: Setup, *, saga_id: str | None = None) -> Report:

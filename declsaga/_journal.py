@@ -12,6 +12,7 @@ from enum import Enum
 from typing import NamedTuple
 
 __all__ = [
+    "AttemptFailed",
     "Record",
     "Role",
     "RollbackStarted",
@@ -70,6 +71,17 @@ class RunFailed(NamedTuple):
     at: float
 
 
+class AttemptFailed(NamedTuple):
+    """Attempt `attempt` of run `run` failed and its action's retry policy runs it again
+    after `delay` seconds; the run stays open."""
+
+    run: int
+    attempt: int  # 1 for the first
+    error: BaseException
+    delay: float
+    at: float
+
+
 class RollbackStarted(NamedTuple):
     error: BaseException  # what the failing step raised
 
@@ -80,4 +92,12 @@ class SagaEnded(NamedTuple):
     at: float
 
 
-Record = SagaStarted | RunStarted | RunSucceeded | RunFailed | RollbackStarted | SagaEnded
+Record = (
+    SagaStarted
+    | RunStarted
+    | RunSucceeded
+    | RunFailed
+    | AttemptFailed
+    | RollbackStarted
+    | SagaEnded
+)

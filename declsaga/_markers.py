@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast, final, overload
 
 import attrs
 
 from ._errors import DefinitionError, describe
+from ._policies import Retry, retry_problem, seconds_problem
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -68,12 +69,15 @@ class Marker:
     name: str | None
     order: int | None = None
     target: str | None = None
+    retry: Retry | None = None  # checked by retry_problem
+    timeout: float | None = None  # seconds, checked by seconds_problem
 
     def spelling(self) -> str:
+        policies = {"retry": self.retry, "timeout": self.timeout}
         if self.kind == "step":
-            return spell("step", order=self.order, name=self.name)
+            return spell("step", order=self.order, name=self.name, **policies)
         if self.kind == "compensator":
-            return spell("compensates", self.target, name=self.name)
+            return spell("compensates", self.target, name=self.name, **policies)
         return spell("action", name=self.name)
 
 
@@ -134,6 +138,17 @@ def _check_name(fn: FunctionType, name: object) -> str | None:
     )
 
 
+def _check_policies(
+    fn: FunctionType, kind: str, retry: object, timeout: object
+) -> tuple[Retry | None, float | None]:
+    """`retry` and `timeout` (None: not given), or the DefinitionError that says why not."""
+    if retry is not None and (problem := retry_problem(retry)) is not None:
+        raise definition_error(_owner(fn), f"the retry of {kind} {fn.__name__} {problem}")
+    if timeout is not None and (problem := seconds_problem(timeout)) is not None:
+        raise definition_error(_owner(fn), f"the timeout of {kind} {fn.__name__} {problem}")
+    return cast("Retry | None", retry), cast("float | None", timeout)
+
+
 def _mark(fn: FunctionType, marker: Marker) -> Any:
     previous: Marker | None = fn.__dict__.get(MARKER)
     if previous is not None:
@@ -153,26 +168,42 @@ def _unordered(fn: FunctionType) -> DefinitionError:
 
 
 @overload
-def step(*, order: int) -> Callable[[_M], _M]: ...
+def step(
+    *, order: int, retry: Retry | None = None, timeout: float | None = None
+) -> Callable[[_M], _M]: ...
 @overload
-def step(*, order: int, name: str) -> Callable[[_M], _M]: ...
-def step(positional: object = _MISSING, /, *, order: object = _MISSING, name: object = None) -> Any:
+def step(
+    *, order: int, name: str, retry: Retry | None = None, timeout: float | None = None
+) -> Callable[[_M], _M]: ...
+def step(
+    positional: object = _MISSING,
+    /,
+    *,
+    order: object = _MISSING,
+    name: object = None,
+    retry: object = None,
+    timeout: object = None,
+) -> Any:
     """Mark a method as a step: `sequence()` is the steps sorted by `order`.
 
-    `name=` sets the action name (default: the method name). Returns the method itself.
+    `name=` sets the action name (default: the method name); `retry=` (a `Retry`) runs
+    it again when it fails, `timeout=` (seconds) bounds each attempt. Returns the method
+    itself.
     """
     if _is_function_like(positional):  # bare @step
         raise _unordered(_function(positional, "@step"))
+    policies = {"retry": retry, "timeout": timeout}
 
     def decorate(method: object) -> Any:
-        fn = _function(method, spell("step", order=order, name=name))
+        fn = _function(method, spell("step", order=order, name=name, **policies))
         owner = _owner(fn)
         if positional is not _MISSING:
             given = positional if isinstance(positional, int) else 1
+            used = spell("step", positional, name=name, **policies)
+            fix = spell("step", order=given, name=name, **policies)
             raise definition_error(
                 owner,
-                f"method {fn.__name__} uses {spell('step', positional, name=name)}; the order "
-                f"is keyword-only: write {spell('step', order=given, name=name)}",
+                f"method {fn.__name__} uses {used}; the order is keyword-only: write {fix}",
             )
         if order is _MISSING:
             raise _unordered(fn)
@@ -182,7 +213,12 @@ def step(positional: object = _MISSING, /, *, order: object = _MISSING, name: ob
                 f"the order of step {fn.__name__} must be an int, got {describe(order)}; "
                 f"write e.g. {spell('step', order=1)}",
             )
-        return _mark(fn, Marker("step", _check_name(fn, name), order=order))
+        checked_name = _check_name(fn, name)
+        checked_retry, checked_timeout = _check_policies(fn, "step", retry, timeout)
+        marker = Marker(
+            "step", checked_name, order=order, retry=checked_retry, timeout=checked_timeout
+        )
+        return _mark(fn, marker)
 
     return decorate
 
@@ -210,19 +246,32 @@ class BareCompensates:
 
 
 @overload
-def compensates(target: str, /) -> Callable[[_M], _M]: ...
+def compensates(
+    target: str, /, *, retry: Retry | None = None, timeout: float | None = None
+) -> Callable[[_M], _M]: ...
 @overload
-def compensates(target: str, /, *, name: str) -> Callable[[_M], _M]: ...
-def compensates(target: object = _MISSING, /, *, name: object = None) -> Any:
+def compensates(
+    target: str, /, *, name: str, retry: Retry | None = None, timeout: float | None = None
+) -> Callable[[_M], _M]: ...
+def compensates(
+    target: object = _MISSING,
+    /,
+    *,
+    name: object = None,
+    retry: object = None,
+    timeout: object = None,
+) -> Any:
     """Mark a method as the compensator of the action named `target` (a string).
 
-    `name=` sets its own action name (default: the method name). Returns the method itself.
+    `name=` sets its own action name (default: the method name); `retry=` and `timeout=`
+    as for `step`. Returns the method itself.
     """
     if _is_function_like(target):
         return BareCompensates(target)
+    policies = {"retry": retry, "timeout": timeout}
 
     def decorate(method: object) -> Any:
-        fn = _function(method, spell("compensates", name=name))
+        fn = _function(method, spell("compensates", name=name, **policies))
         if target is _MISSING:
             raise bare_compensates(_owner(fn), fn.__name__)
         if not isinstance(target, str) or not target.strip():
@@ -231,7 +280,12 @@ def compensates(target: object = _MISSING, /, *, name: object = None) -> Any:
                 f"the action that method {fn.__name__} compensates must be named by a "
                 f"non-empty string, got {describe(target)}",
             )
-        return _mark(fn, Marker("compensator", _check_name(fn, name), target=target))
+        checked_name = _check_name(fn, name)
+        checked_retry, checked_timeout = _check_policies(fn, "compensator", retry, timeout)
+        marker = Marker(
+            "compensator", checked_name, target=target, retry=checked_retry, timeout=checked_timeout
+        )
+        return _mark(fn, marker)
 
     return decorate
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol, cast, final, runtime_checkable
 import attrs
 
 from ._errors import ActionNotFound, EmptyActionName, UsageError, describe
+from ._policies import ActionPolicy, Retry, retry_problem, seconds_problem
 from ._registry import Definition, register
 
 if TYPE_CHECKING:
@@ -110,7 +111,16 @@ class Setup(Protocol):
 class FunctionalSetup:
     """The immutable setup that `new()` returns."""
 
-    __slots__ = ("_actions", "_compensators", "_sequence", "_valid", "definition", "name")
+    __slots__ = (
+        "_actions",
+        "_compensators",
+        "_deadline",
+        "_policies",
+        "_sequence",
+        "_valid",
+        "definition",
+        "name",
+    )
 
     def __init__(
         self,
@@ -118,12 +128,18 @@ class FunctionalSetup:
         sequence: tuple[str, ...],
         compensators: Mapping[str, str],
         name: str | None,
+        *,
+        policies: Mapping[str, ActionPolicy] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._actions = actions
         self._sequence = sequence
         self._compensators = compensators
+        self._policies: Mapping[str, ActionPolicy] = MappingProxyType(dict(policies or {}))
+        self._deadline = deadline
         self.name = name  # the registered name, for durable execution
         self._valid = False  # set by the first validate() that passes: it is immutable
+        # Policies are left out: they do not change what recovery relies on.
         self.definition = Definition.of(sequence, compensators, actions)
 
     def sequence(self) -> Sequence[str]:
@@ -135,10 +151,27 @@ class FunctionalSetup:
     def action(self, name: str) -> Action | None:
         return self._actions.get(name)
 
+    # Beyond the Setup protocol, as on Saga instances: the executor looks them up with
+    # getattr().
+    def _declsaga_policies(self) -> Mapping[str, ActionPolicy]:
+        """Every action's retry and timeout, by action name (read-only; empty if none)."""
+        return self._policies
+
+    def _declsaga_policy(self, name: str) -> ActionPolicy | None:
+        """The retry and timeout of action `name`, or None if it has neither."""
+        return self._policies.get(name)
+
+    def _declsaga_deadline(self) -> float | None:
+        """The saga's deadline in seconds, or None."""
+        return self._deadline
+
     def __repr__(self) -> str:
+        extra = f" policies={dict(self._policies)!r}" if self._policies else ""
+        if self._deadline is not None:
+            extra += f" deadline={self._deadline!r}"
         return (
             f"<setup sequence={list(self._sequence)!r} actions={list(self._actions)!r} "
-            f"compensators={dict(self._compensators)!r}>"
+            f"compensators={dict(self._compensators)!r}{extra}>"
         )
 
 
@@ -187,6 +220,38 @@ def _collect_compensators(compensators: object) -> dict[str, str]:
     return collected
 
 
+def _collect_policies(
+    actions: Mapping[str, Action], retries: object, timeouts: object
+) -> dict[str, ActionPolicy]:
+    """action name -> its policy, for the actions given a retry or a timeout."""
+    checked: dict[str, dict[str, object]] = {}
+    for what, argument, values, given, problem_of in (
+        ("retry", "retries", "Retry", retries, retry_problem),
+        ("timeout", "timeouts", "seconds", timeouts, seconds_problem),
+    ):
+        if given is None:
+            continue
+        if not isinstance(given, Mapping):
+            raise UsageError(
+                f"{argument} must be a mapping of action name to {values}, got {describe(given)}."
+            )
+        for action_name, value in given.items():
+            if not isinstance(action_name, str) or action_name not in actions:
+                raise UsageError(
+                    f"new() got a {what} for {action_name!r}, which is not one of its actions."
+                )
+            if (problem := problem_of(value)) is not None:
+                raise UsageError(f"new() got a {what} for {action_name!r} that {problem}.")
+            checked.setdefault(action_name, {})[what] = value
+    return {
+        action_name: ActionPolicy(
+            retry=cast("Retry | None", found.get("retry")),
+            timeout=cast("float | None", found.get("timeout")),
+        )
+        for action_name, found in checked.items()
+    }
+
+
 def new(
     actions: Mapping[str, ActionFn] | Iterable[Action],
     *,
@@ -194,11 +259,16 @@ def new(
     start_with: str | None = None,
     compensators: Mapping[str, str | None] | None = None,
     name: str | None = None,
+    retries: Mapping[str, Retry] | None = None,
+    timeouts: Mapping[str, float] | None = None,
+    deadline: float | None = None,
 ) -> Setup:
     """Build an immutable `Setup` by hand, with goes' sequence precedence.
 
     `name` registers the setup under that name, so that a durable executor can find it
-    again after a crash.
+    again after a crash. `retries` and `timeouts` (seconds) map action names to their
+    policies; `deadline` (seconds) bounds the whole saga. Policies do not change the
+    setup's fingerprint.
     """
     collected = _collect_actions(actions)
     explicit = _collect_sequence(sequence)
@@ -215,8 +285,16 @@ def new(
         ordered = (next(iter(collected)),)
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise UsageError(f"name must be a non-empty string, got {describe(name)}.")
+    policies = _collect_policies(collected, retries, timeouts)
+    if deadline is not None and (problem := seconds_problem(deadline)) is not None:
+        raise UsageError(f"new() got a deadline that {problem}.")
     setup = FunctionalSetup(
-        MappingProxyType(collected), ordered, MappingProxyType(compensator_names), name
+        MappingProxyType(collected),
+        ordered,
+        MappingProxyType(compensator_names),
+        name,
+        policies=policies,
+        deadline=deadline,
     )
     if name is not None:
         fingerprint = setup.definition.fingerprint

@@ -7,6 +7,10 @@ for step in plan(PlaceOrder).steps:
     print(step.order, step.name, plan(PlaceOrder).compensators.get(step.name))
 ```
 
+Each `ActionInfo.policy` (and `SagaPlan.policies`, by action name) holds the `retry=` and
+`timeout=` given to `@step` or `@compensates`; `SagaPlan.deadline` is the class's
+`deadline=`, its own or inherited.
+
 `plan(cls)` returns the plan the class compiled to when its class statement ran (the
 same object every time), like `attrs.fields(cls)` for attrs classes.
 """
@@ -15,8 +19,9 @@ from __future__ import annotations
 
 from ._dsl import ActionInfo, ActionKind, Saga, SagaPlan, compiled
 from ._errors import UsageError, describe
+from ._policies import ActionPolicy
 
-__all__ = ["ActionInfo", "ActionKind", "SagaPlan", "plan"]
+__all__ = ["ActionInfo", "ActionKind", "ActionPolicy", "SagaPlan", "plan"]
 
 
 def plan(saga_class: type[Saga]) -> SagaPlan:

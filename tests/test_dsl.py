@@ -593,7 +593,7 @@ def test_saga_itself_is_not_instantiable() -> None:
 def test_unknown_class_keywords_are_an_error() -> None:
     with raises(
         "Saga test_unknown_class_keywords_are_an_error.<locals>.Bad: unknown class keyword "
-        "argument flavour='x'; accepted: name."
+        "argument flavour='x'; accepted: deadline, name."
     ):
 
         class Bad(Saga, flavour="x"):
