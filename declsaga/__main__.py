@@ -18,10 +18,14 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ._errors import StoreError
 from ._executor import Executor
-from .stores._base import Store
+from .stores._sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from .stores._postgres import PostgresStore
 from .stores._urls import from_url, mask
 from .worker import Worker
 
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_store(url: str, stopping: threading.Event) -> Store | None:
+def _open_store(url: str, stopping: threading.Event) -> SQLiteStore | PostgresStore | None:
     """The store at `url`, retried with backoff while it cannot be reached; None if the
     worker was stopped meanwhile. A malformed URL raises ValueError at once."""
     backoff = 0.5

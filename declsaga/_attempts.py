@@ -185,6 +185,8 @@ def attempt_blocking(
             if delay is None:
                 return
             execution.commit()  # the count survives a crash
+            if execution.stop_cancelled(run):
+                return
             limits.clock.sleep(delay)
             state.again()
             continue
@@ -226,6 +228,8 @@ async def attempt_async(
             if delay is None:
                 return
             await execution.commit_async()
+            if budget_left is None and execution.stop_cancelled(run):
+                return
             await limits.clock.sleep_async(delay)
             state.again()
             continue

@@ -20,11 +20,12 @@ import attrs
 
 from ._codec import Undecodable, Unencodable, apply_fields, decode, encode, encode_fields
 from ._dsl import Saga, compiled
-from ._errors import EncodeError, StoreError, UsageError, describe
+from ._errors import CancelRequested, EncodeError, StoreError, UsageError, describe
 from ._journal import (
     AttemptFailed,
     Record,
     Role,
+    RollbackRetried,
     RollbackStarted,
     RunFailed,
     RunStarted,
@@ -133,6 +134,8 @@ def _entry(record: Record, frame: Frame) -> dict[str, JSON]:
         }
     if type(record) is RollbackStarted:
         return {"kind": "rollback_started", "error": encode_error(record.error)}
+    if type(record) is RollbackRetried:
+        return {"kind": "rollback_retried", "at": frame.to_epoch(record.at)}
     if type(record) is SagaEnded:
         error = None if record.error is None else encode_error(record.error)
         return {
@@ -176,6 +179,8 @@ def _record(entry: Any, frame: Frame, saga_id: str) -> Record:
             )
         if kind == "rollback_started":
             return RollbackStarted(decode_error(entry["error"]))
+        if kind == "rollback_retried":
+            return RollbackRetried(frame.to_perf(entry["at"]))
         if kind == "saga_ended":
             error = entry.get("error")
             return SagaEnded(
@@ -322,13 +327,19 @@ class DurableLog:
             ) from None
 
     def commit(self, status: Status) -> None:
-        """Make everything recorded so far durable, in one store commit."""
+        """Make everything recorded so far durable, in one store commit.
+
+        `CancelRequested` if the store refused it because the saga was cancelled: the
+        records stay pending, for the commit that carries the rollback."""
         with self._commit_lock:
             commit = self._next_commit(status)
             if commit is None:
                 return
             try:
                 self.store.append(self.claim, commit)
+            except CancelRequested:
+                self._refused(commit)
+                raise
             except Exception as error:
                 self._broke(error)
                 raise
@@ -356,12 +367,20 @@ class DurableLog:
                 # Raised only once the append succeeded (see SQLiteStore.append_async).
                 self._landed(commit, status)
                 raise
+            except CancelRequested:
+                self._refused(commit)
+                raise
             except Exception as error:
                 self._broke(error)
                 raise
             self._landed(commit, status)
         finally:
             self._commit_lock.release()
+
+    def _refused(self, commit: Commit) -> None:
+        """A commit refused for a cancel: its entries go back in front of the pending."""
+        with self._pending_lock:
+            self._pending = [*commit.entries, *self._pending]
 
     def _landed(self, commit: Commit, status: Status) -> None:
         self._seq = commit.seq + 1

@@ -13,6 +13,7 @@ from ._journal import (
     AttemptFailed,
     Record,
     Role,
+    RollbackRetried,
     RollbackStarted,
     RunFailed,
     RunStarted,
@@ -68,6 +69,7 @@ class Engine:
     __slots__ = (
         "_compensation_error",
         "_ended",
+        "_failed_target",
         "_next_step",
         "_open_compensation",
         "_open_step",
@@ -95,6 +97,7 @@ class Engine:
         self._rollback_pos = -1  # the next candidate for compensation, scanning downwards
         self._open_compensation: int | None = None
         self._compensation_error: BaseException | None = None
+        self._failed_target: int | None = None  # the run a failed compensation undid
         self._ended: Finish | None = None
 
     @property
@@ -120,6 +123,12 @@ class Engine:
             self._rollback_pos = len(self._succeeded) - 1
         elif type(record) is SagaEnded:
             self._ended = Finish(record.status, record.error)
+        elif type(record) is RollbackRetried:
+            # The failed saga's rollback goes on, from the compensation that failed.
+            assert self._failed_target is not None
+            self._ended = None
+            self._compensation_error = None
+            self._rollback_pos = self._position[self._failed_target]
         elif type(record) is not SagaStarted and type(record) is not AttemptFailed:
             # An attempt that failed leaves its run open: the rules do not change.
             raise TypeError(f"Unknown journal record {record!r}.")
@@ -157,6 +166,7 @@ class Engine:
         elif role is Role.COMPENSATION:
             self._open_compensation = None
             self._compensation_error = record.error
+            self._failed_target = self._runs[record.run].target
 
     def next(self) -> Decision:
         """What happens next; asking twice without applying anything gives the same answer."""

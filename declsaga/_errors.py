@@ -8,6 +8,7 @@ from typing import Any
 __all__ = [
     "ActionNotFound",
     "AggregateNotFound",
+    "CancelRequested",
     "CompensationFailed",
     "CompensationTimeout",
     "DeadlineExceeded",
@@ -21,6 +22,7 @@ __all__ = [
     "MissingRepository",
     "RecordedError",
     "SagaBusy",
+    "SagaCancelled",
     "SagaError",
     "StepTimeout",
     "StoreError",
@@ -212,6 +214,24 @@ class Abandoned(StoreError):
             f"Saga {saga_id!r} was left at a step boundary by a worker that is stopping; "
             "another worker resumes it."
         )
+
+
+class CancelRequested(StoreError):
+    """A store refused a commit that would carry a saga forward after `cancel()` was
+    asked of it; nothing was written. The execution rolls the saga back instead."""
+
+    def __init__(self, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(f"Saga {saga_id!r} was asked to cancel; it must roll back.")
+
+
+class SagaCancelled(SagaError):
+    """The saga was cancelled by an operator: it stopped at its next transition and
+    rolled back."""
+
+    def __init__(self, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(f"Saga {saga_id!r} was cancelled.")
 
 
 class SagaBusy(SagaError):

@@ -24,7 +24,15 @@ from ._codec import apply_fields
 from ._context import Context
 from ._dsl import Saga
 from ._engine import Compensate, Engine, Finish, RunStep, StartRollback
-from ._errors import Abandoned, ActionNotFound, CompensationTimeout, DeadlineExceeded, SagaError
+from ._errors import (
+    Abandoned,
+    ActionNotFound,
+    CancelRequested,
+    CompensationTimeout,
+    DeadlineExceeded,
+    SagaCancelled,
+    SagaError,
+)
 from ._journal import (
     AttemptFailed,
     Record,
@@ -78,6 +86,7 @@ class Execution:
         "_open",
         "_replay",
         "_sealed",
+        "cancelled",
         "command_bus",
         "compensate_timeout",
         "engine",
@@ -132,6 +141,7 @@ class Execution:
         self.stop_when: threading.Event | None = None
         # The clock, the policies and the deadline (see _attempts.Limits).
         self.limits = limits
+        self.cancelled = False  # a store refused a commit: cancel() was asked
         self.last_attempt: dict[int, AttemptFailed] = {}  # run -> its last failed attempt
         if replay is None:
             self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
@@ -235,14 +245,30 @@ class Execution:
         return Abandoned(self.saga_id)
 
     def commit(self) -> None:
-        """Make the journal durable so far; done before acting on what it records."""
+        """Make the journal durable so far; done before acting on what it records. If
+        the store refuses it because the saga was cancelled, `cancelled` is set and the
+        records wait for the next commit: the drivers then stop the saga forward."""
         if self.log is not None:
-            self.log.commit(self.engine.status)
+            try:
+                self.log.commit(self.engine.status)
+            except CancelRequested:
+                self.cancelled = True
 
     async def commit_async(self) -> None:
         """`commit` from the loop, which it never blocks (see DurableLog.commit_async)."""
         if self.log is not None:
-            await self.log.commit_async(self.engine.status)
+            try:
+                await self.log.commit_async(self.engine.status)
+            except CancelRequested:
+                self.cancelled = True
+
+    def stop_cancelled(self, run: int) -> bool:
+        """After the commit before `run` executes: if the saga was cancelled, the run
+        fails with `SagaCancelled` without executing (and the rollback follows)."""
+        if not self.cancelled:
+            return False
+        self.fail_run(run, SagaCancelled(self.saga_id))
+        return True
 
     def restore_fields(self, run: int) -> None:
         """Before a run executes again: the fields as they were when it first started."""
@@ -317,6 +343,8 @@ class Execution:
             return _recorded(found)
         action, ctx = found
         self.commit()
+        if self.stop_cancelled(ctx._run):
+            raise SagaCancelled(self.saga_id)
         try:
             result = self.invoke_blocking(action, ctx)
         except BaseException as error:
@@ -337,6 +365,8 @@ class Execution:
             return _recorded(found)
         action, ctx = found
         await self.commit_async()
+        if self.stop_cancelled(ctx._run):
+            raise SagaCancelled(self.saga_id)
         try:
             result = await self.invoke_async(action, ctx, abandonable=ctx._abandonable)
         except BaseException as error:
@@ -425,10 +455,13 @@ class Execution:
                     if governed:
                         run = self._step_run(decision)
                         self.commit()
-                        attempt_blocking(self, action, run, limits)
+                        if not self.stop_cancelled(run):
+                            attempt_blocking(self, action, run, limits)
                     continue
                 run = self._step_run(decision)
                 self.commit()
+                if self.cancelled and self.stop_cancelled(run):
+                    continue
                 ctx = Context(self, action, run)
                 try:
                     result = self.invoke_blocking(action, ctx)
@@ -457,7 +490,8 @@ class Execution:
                         run = self._step_run(decision)
                         try:
                             await self.commit_async()
-                            await attempt_async(self, action, run, limits)
+                            if not self.stop_cancelled(run):
+                                await attempt_async(self, action, run, limits)
                         except asyncio.CancelledError as cancelled:
                             self.fail_run(run, cancelled)
                             self.append(RollbackStarted(cancelled))
@@ -468,6 +502,8 @@ class Execution:
                 try:
                     # Inside the try: a cancellation while committing cancels the step.
                     await self.commit_async()
+                    if self.cancelled and self.stop_cancelled(run):
+                        continue
                     result = await self.invoke_async(action, ctx, abandonable=False)
                 except asyncio.CancelledError as cancelled:
                     # Recorded only if the run has no real outcome yet (see invoke_async).

@@ -25,7 +25,7 @@ from ._policies import Clock, SystemClock, seconds_problem
 from ._report import Recovered, Report, build_report
 from ._setup import Setup, check_setup, validate_checked
 from ._stored import Ended, check_submitted, ended, open_saga, resolve, submit_saga
-from .stores._base import FINAL_STATUSES, Claim, Store, StoredSaga
+from .stores._base import FINAL_STATUSES, Claim, Commit, Store, StoredSaga
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
@@ -371,6 +371,77 @@ class Executor:
             else:
                 await asyncio.sleep(min(remaining, pause))
                 pause = min(pause * 2, _LAST_POLL)
+
+    # -- operator actions ------------------------------------------------------------------
+
+    def cancel(self, saga_id: str) -> bool:
+        """Cancel an unfinished saga, wherever it runs: it stops at its next transition
+        and rolls back (status `compensated`, raising `SagaCancelled`). True if the saga
+        exists and had not ended. A saga nobody drives (pending, or orphaned) is rolled
+        back by the next worker or `recover()` that takes it; one whose last step has
+        already finished completes."""
+        store = self._store_for("cancel")
+        _deadline(saga_id, None)  # checks the id
+        return store.request_cancel(saga_id)
+
+    def retry(self, saga_id: str) -> Report:
+        """Retry the rollback of a `failed` saga from its failed compensation, here and
+        now; return its report or raise its error, as `execute` would. Recorded in the
+        journal (`rollback_retried`)."""
+        store = self._store_for("retry")
+        claim, stored = self._operate(store, saga_id, "retried")
+        try:
+            resolved = resolve(stored)
+            if isinstance(resolved, str):
+                raise UsageError(
+                    resolved.replace(" It is left untouched.", " It cannot be retried.")
+                )
+            entry = {"kind": "rollback_retried", "at": time.time()}
+            store.append(claim, Commit(stored.seq, (entry,), Status.COMPENSATING.value))
+            opened = self._reopen(store, claim, None)
+            assert isinstance(opened, Execution), opened
+            return self._raise(self._drive(opened))
+        finally:
+            store.release(claim)
+
+    def resolve(self, saga_id: str, reason: str) -> None:
+        """Mark a `failed` saga as resolved by hand (status `resolved`, final), with the
+        operator's `reason` recorded in its journal."""
+        store = self._store_for("resolve")
+        if not isinstance(reason, str) or not reason.strip():
+            raise UsageError(
+                f"resolve() needs a reason, a non-empty string, got {describe(reason)}."
+            )
+        claim, stored = self._operate(store, saga_id, "resolved")
+        try:
+            entry = {
+                "kind": "saga_ended",
+                "status": Status.RESOLVED.value,
+                "error": None,
+                "reason": reason,
+                "at": time.time(),
+            }
+            store.append(claim, Commit(stored.seq, (entry,), Status.RESOLVED.value))
+        finally:
+            store.release(claim)
+
+    @staticmethod
+    def _operate(store: Store, saga_id: str, done: str) -> tuple[Claim, StoredSaga]:
+        """The claim of a failed saga an operator acts on, and the saga as stored."""
+        _deadline(saga_id, None)  # checks the id
+        claim = store.claim(saga_id)
+        if claim is None:
+            raise SagaBusy(saga_id)
+        try:
+            stored = _load_known(store, saga_id)
+            if stored.status != Status.FAILED.value:
+                raise UsageError(
+                    f"Saga {saga_id!r} is {stored.status}: only a failed saga can be {done}."
+                )
+        except BaseException:
+            store.release(claim)
+            raise
+        return claim, stored
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ __all__ = [
     "AttemptFailed",
     "Record",
     "Role",
+    "RollbackRetried",
     "RollbackStarted",
     "RunFailed",
     "RunStarted",
@@ -34,13 +35,14 @@ class Role(Enum):
 
 
 class Status(Enum):
-    """Where a saga stands; the last three are final."""
+    """Where a saga stands; the last four are final."""
 
     RUNNING = "running"
     COMPENSATING = "compensating"
     COMPLETED = "completed"
     COMPENSATED = "compensated"
     FAILED = "failed"
+    RESOLVED = "resolved"  # failed, then resolved by an operator
 
 
 class SagaStarted(NamedTuple):
@@ -86,6 +88,12 @@ class RollbackStarted(NamedTuple):
     error: BaseException  # what the failing step raised
 
 
+class RollbackRetried(NamedTuple):
+    """An operator retries the rollback of a failed saga, from its failed compensation."""
+
+    at: float
+
+
 class SagaEnded(NamedTuple):
     status: Status
     error: BaseException | None  # what the execution raises; None after success
@@ -99,5 +107,6 @@ Record = (
     | RunFailed
     | AttemptFailed
     | RollbackStarted
+    | RollbackRetried
     | SagaEnded
 )

@@ -11,7 +11,7 @@ and `deadline=60.0`; `Executor(deadline=..., clock=...)` sets a deadline for eve
 it runs (a saga's own comes first) and the clock that backoff and deadlines read.
 """
 
-from ._errors import DeadlineExceeded, StepTimeout
+from ._errors import DeadlineExceeded, SagaCancelled, StepTimeout
 from ._policies import DEFAULT_COMPENSATOR_RETRY, Clock, Retry, SystemClock
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Clock",
     "DeadlineExceeded",
     "Retry",
+    "SagaCancelled",
     "StepTimeout",
     "SystemClock",
 ]

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import pytest
 
-from declsaga._errors import StoreError
+from declsaga._errors import CancelRequested, StoreError
 from declsaga.stores._base import JSON, Claim, Commit, SagaHeader, Store, StoredSaga
 
 __all__ = ["CrashingStore", "FakeClock", "SharedStoreConformance", "StoreConformance"]
@@ -108,7 +108,7 @@ def _not_claimed(saga_id: str) -> str:
 _FIRST_ONLY = "the first commit (seq 0), and only it, carries the saga's header."
 _UNKNOWN_STATUS = (
     "Unknown saga status 'done'; use one of pending, running, compensating, completed, "
-    "compensated, failed."
+    "compensated, failed, resolved."
 )
 
 
@@ -379,6 +379,53 @@ class StoreConformance:
         assert saga is not None
         assert (saga.status, saga.entries, saga.seq) == ("running", ("started",), 2)
 
+    # -- cancel ----------------------------------------------------------------------------
+
+    def test_cancel_is_asked_of_unfinished_sagas_only(self, store: Store) -> None:
+        assert store.request_cancel("nobody") is False
+        store.append(_start(store, "done"), Commit(1, ("end",), "completed"))
+        assert store.request_cancel("done") is False
+        _start(store, "s-1")
+        assert store.request_cancel("s-1") is True
+        assert store.request_cancel("s-1") is True  # asking twice is harmless
+
+    def test_after_cancel_only_the_rollback_is_committed(self, store: Store) -> None:
+        claim = _start(store, "s-1")
+        assert store.request_cancel("s-1")
+        with pytest.raises(
+            CancelRequested, match=_exactly("Saga 's-1' was asked to cancel; it must roll back.")
+        ):
+            store.append(claim, Commit(1, ("step 2 started",)))
+        with pytest.raises(StoreError, match=_conflict("s-1", 2, 1)):
+            store.append(claim, Commit(2, ("a gap",)))  # a conflict is still one
+        saga = store.load("s-1")
+        assert saga is not None and (saga.seq, saga.entries) == (1, ("started",))
+        store.append(claim, Commit(1, ("rollback",), "compensating"))
+        store.append(claim, Commit(2, ("undone",)))  # compensating: it goes on
+        store.append(claim, Commit(3, ("end",), "compensated"))
+        saga = store.load("s-1")
+        assert saga is not None
+        assert (saga.status, saga.entries) == (
+            "compensated",
+            ("started", "rollback", "undone", "end"),
+        )
+
+    def test_a_cancelled_pending_saga_never_starts(self, store: Store) -> None:
+        claim = _start(store, "s-1", entries=(), status="pending")
+        assert store.request_cancel("s-1")
+        with pytest.raises(CancelRequested):
+            store.append(claim, Commit(1, ("started",), "running"))
+        store.append(claim, Commit(1, ("started", "ended"), "compensated"))
+        saga = store.load("s-1")
+        assert saga is not None and saga.status == "compensated"
+
+    def test_a_saga_whose_last_step_finished_completes_despite_cancel(self, store: Store) -> None:
+        claim = _start(store, "s-1")
+        assert store.request_cancel("s-1")
+        store.append(claim, Commit(1, ("last step done", "ended"), "completed"))
+        saga = store.load("s-1")
+        assert saga is not None and saga.status == "completed"
+
     # -- claiming the next saga -------------------------------------------------------------
 
     def _unfinished_and_released(self, store: Store, statuses: list[str]) -> None:
@@ -614,6 +661,9 @@ class CrashingStore:
 
     def claim_next(self, limit: int) -> list[Claim]:
         return self.store.claim_next(limit)
+
+    def request_cancel(self, saga_id: str) -> bool:
+        return self.store.request_cancel(saga_id)
 
     def release(self, claim: Claim) -> None:
         self.store.release(claim)

@@ -157,6 +157,9 @@ class Delegate:
     def claim_next(self, limit: int) -> list[Claim]:
         return self.inner.claim_next(limit)
 
+    def request_cancel(self, saga_id: str) -> bool:
+        return self.inner.request_cancel(saga_id)
+
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         return self.inner.sagas(status)
 
@@ -1921,7 +1924,7 @@ def test_reading_unknown_ids_and_statuses_and_from_another_store_object(store: S
         ValueError,
         match=exactly(
             "Unknown saga status 'done'; use one of pending, running, compensating, completed, "
-            "compensated, failed."
+            "compensated, failed, resolved."
         ),
     ):
         listed(store, "done")

@@ -188,7 +188,7 @@ def test_a_database_from_a_newer_declsaga_is_refused(path: Path) -> None:
     refused(
         path,
         f"The database {path} has schema version 99, from a newer declsaga; this one "
-        "knows versions up to 1. It was left unchanged.",
+        "knows versions up to 2. It was left unchanged.",
     )
 
 
@@ -534,3 +534,29 @@ def test_a_withdrawn_successor_passes_the_lead_on(store: SQLiteStore) -> None:
     assert store._queue == [prepared[1]]
     assert wakes[1].is_set()
     store._queue, store._leading = [], False
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_sagas(path: Path) -> None:
+    from declsaga.stores import _migrations  # noqa: PLC0415 - what a version-1 file held
+
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute("CREATE TABLE declsaga_schema (version INTEGER NOT NULL)")
+    for statement in _migrations.MIGRATIONS[0]:
+        connection.execute(statement)
+    connection.execute("INSERT INTO declsaga_schema (version) VALUES (1)")
+    connection.execute(
+        "INSERT INTO sagas (saga_id, name, fingerprint, definition, fields, status, created, "
+        "updated) VALUES ('old', 'n', 'f', '{}', 'null', 'running', 1.0, 1.0)"
+    )
+    connection.execute("INSERT INTO journal VALUES (1, 0, '[\"started\"]', 1.0)")
+    connection.execute("COMMIT")
+    connection.close()
+    with SQLiteStore(path) as store:
+        saga = store.load("old")
+        assert saga is not None and (saga.status, saga.entries) == ("running", ("started",))
+        assert store.request_cancel("old") is True  # the column migration 2 adds
+    connection = sqlite3.connect(path)
+    assert connection.execute("SELECT version FROM declsaga_schema").fetchall() == [(2,)]
+    connection.close()

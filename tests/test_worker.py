@@ -195,6 +195,9 @@ class FailingStore:
     def unfinished(self) -> list[str]:
         return self.inner.unfinished()
 
+    def request_cancel(self, saga_id: str) -> bool:
+        return self.inner.request_cancel(saga_id)
+
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         return self.inner.sagas(status)
 

@@ -20,6 +20,7 @@ __all__ = [
     "JSON",
     "PENDING",
     "STATUSES",
+    "UNCANCELLED",
     "Claim",
     "Commit",
     "Reading",
@@ -32,9 +33,21 @@ __all__ = [
 JSON = Any
 
 # "pending": submitted (its header and initial fields stored) and not started yet.
-STATUSES = ("pending", "running", "compensating", "completed", "compensated", "failed")
+# "resolved": failed, then marked resolved by an operator.
+STATUSES = (
+    "pending",
+    "running",
+    "compensating",
+    "completed",
+    "compensated",
+    "failed",
+    "resolved",
+)
 PENDING = "pending"
-FINAL_STATUSES = frozenset({"completed", "compensated", "failed"})
+FINAL_STATUSES = frozenset({"completed", "compensated", "failed", "resolved"})
+# The statuses a commit may set after cancel() was asked: the rollback's, and the end of
+# a saga whose last step had finished (too late to cancel).
+UNCANCELLED = frozenset({"compensating", "compensated", "failed", "completed"})
 
 
 @attrs.frozen
@@ -104,6 +117,13 @@ class Store(Protocol):
 
     def unfinished(self) -> list[str]:
         """Ids of sagas whose status is pending, running or compensating, oldest first."""
+        ...
+
+    def request_cancel(self, saga_id: str) -> bool:
+        """Ask an unfinished saga to stop and roll back, from any process: True if it
+        exists and has not ended. From then on, while the saga is pending or running, an
+        append to it raises `CancelRequested` and writes nothing, unless it sets one of
+        the statuses in `UNCANCELLED`."""
         ...
 
     def claim_next(self, limit: int) -> list[Claim]:

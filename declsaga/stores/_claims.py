@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol
 
 from declsaga._errors import StoreError
 
-from ._base import JSON, STATUSES, Claim, Commit, SagaHeader, Store, StoredSaga
+from ._base import JSON, STATUSES, UNCANCELLED, Claim, Commit, SagaHeader, Store, StoredSaga
 
 __all__ = [
     "Claims",
@@ -352,6 +352,12 @@ def claim_unfinished(store: Store, limit: int) -> list[Claim]:
             if len(claims) == limit:
                 break
     return claims
+
+
+def refused(cancel: bool, stored_status: str, status: str | None) -> bool:
+    """Whether a commit setting `status` is refused because cancel() was asked of a
+    saga that is `stored_status` (see `Store.request_cancel`)."""
+    return cancel and stored_status in ("pending", "running") and status not in UNCANCELLED
 
 
 def check_status(status: str) -> str:

@@ -16,6 +16,7 @@ __all__ = [
     "ALL",
     "ALL_JOURNALS",
     "APPEND",
+    "CANCELLED",
     "COUNT",
     "CREATE",
     "JOURNALS_WITH_STATUS",
@@ -23,6 +24,7 @@ __all__ = [
     "LOAD",
     "LOAD_JOURNAL",
     "MIGRATIONS",
+    "REQUEST_CANCEL",
     "SET_STATUS",
     "UNFINISHED",
     "WITH_STATUS",
@@ -73,6 +75,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 2: cancel() from any process: a flag that refuses the commits carrying the saga
+    # forward (see APPEND).
+    ("ALTER TABLE sagas ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0",),
 )
 
 LATEST = len(MIGRATIONS)
@@ -82,10 +87,20 @@ LATEST = len(MIGRATIONS)
 # predecessor, so rowcount 0 means a conflict and nothing was written. Rows are only ever
 # appended after their predecessor, so every journal is 0..n-1 and seq == n is checked
 # in O(log n).
+#
+# After cancel() (`cancel` = 1), a commit of a pending or running saga is refused too,
+# unless it sets a status of the rollback or completes the saga (?5: UNCANCELLED).
 APPEND = """
     INSERT OR IGNORE INTO journal (saga, seq, entries, at)
     SELECT number, ?2, ?3, ?4 FROM sagas WHERE saga_id = ?1
     AND (?2 = 0 OR EXISTS (SELECT 1 FROM journal WHERE saga = sagas.number AND seq = ?2 - 1))
+    AND (cancel = 0 OR status NOT IN ('pending', 'running') OR ?5)
+"""
+# Why an append wrote nothing, when it is not a conflict.
+CANCELLED = "SELECT cancel, status FROM sagas WHERE saga_id = ?"
+REQUEST_CANCEL = """
+    UPDATE sagas SET cancel = 1
+    WHERE saga_id = ? AND status IN ('pending', 'running', 'compensating')
 """
 # Ignored (rowcount 0) when the saga exists: the first commit of a saga made twice.
 CREATE = """

@@ -85,6 +85,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 2: cancel() from any process: a flag that refuses the commits carrying the saga
+    # forward (see _MAY_GO_ON).
+    ("ALTER TABLE {schema}.sagas ADD COLUMN cancel BOOLEAN NOT NULL DEFAULT false",),
 )
 
 LATEST = len(MIGRATIONS)
@@ -201,13 +204,16 @@ _CREATE = """
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING number
     ), target AS (SELECT number FROM created)"""
-_FOLLOW = """
+# After cancel(), a commit of a pending or running saga is refused, unless it sets a
+# status of the rollback or completes the saga (`uncancelled`).
+_MAY_GO_ON = "(NOT s.cancel OR s.status NOT IN ('pending', 'running') OR %(uncancelled)s)"
+_FOLLOW = f"""
     target AS (
-        SELECT s.number FROM {schema}.sagas AS s JOIN lease USING (saga_id)
+        SELECT s.number FROM {{schema}}.sagas AS s JOIN lease USING (saga_id)
         WHERE EXISTS (
-            SELECT FROM {schema}.journal AS j
+            SELECT FROM {{schema}}.journal AS j
             WHERE j.saga = s.number AND j.seq = %(seq)s::bigint - 1
-        )
+        ) AND {_MAY_GO_ON}
     )"""
 _INSERT = """
     appended AS (
@@ -229,15 +235,19 @@ _END = """
         WHERE saga_id = %(saga_id)s AND token = %(token)s AND %(ended)s::boolean
         AND EXISTS (SELECT FROM appended)
     )"""
-_OUTCOME = """
+_OUTCOME = f"""
     SELECT
         EXISTS (SELECT FROM lease),
         EXISTS (SELECT FROM appended),
         CASE WHEN NOT EXISTS (SELECT FROM appended) THEN coalesce((
-            SELECT j.seq + 1 FROM {schema}.journal AS j JOIN {schema}.sagas AS s
+            SELECT j.seq + 1 FROM {{schema}}.journal AS j JOIN {{schema}}.sagas AS s
             ON j.saga = s.number WHERE s.saga_id = %(saga_id)s
             ORDER BY j.seq DESC LIMIT 1
-        ), 0) END"""
+        ), 0) END,
+        EXISTS (
+            SELECT FROM {{schema}}.sagas AS s
+            WHERE s.saga_id = %(saga_id)s AND NOT {_MAY_GO_ON}
+        )"""
 _NOTIFIED = ", (SELECT count(*) FROM ended)"  # a SELECT in WITH runs only if read
 
 
@@ -259,6 +269,7 @@ APPEND_PARAMETERS = (
     ("fingerprint", 25),
     ("definition", 25),
     ("fields", 25),
+    ("uncancelled", 16),
 )
 _POSITIONS = {name.encode(): f"${n}".encode() for n, (name, _) in enumerate(APPEND_PARAMETERS, 1)}
 _NAMED = re.compile(rb"%\((\w+)\)s")
@@ -276,9 +287,10 @@ _APPEND_NEXT = """
         SELECT FROM {schema}.journal AS j
         WHERE j.saga = s.number AND j.seq = %(seq)s::bigint - 1
     )
+    AND (NOT s.cancel OR s.status NOT IN ('pending', 'running'))
     FOR SHARE OF c
     ON CONFLICT DO NOTHING
-    RETURNING true, true, NULL::bigint
+    RETURNING true, true, NULL::bigint, false
 """
 # Why an append wrote nothing: (lease held, false, the journal's length).
 _DIAGNOSE = _with(_LEASE, "appended AS (SELECT NULL::bigint AS saga WHERE false)") + _OUTCOME
@@ -305,6 +317,11 @@ _UNFINISHED = """
     ORDER BY created, number
 """
 _STATUS = "SELECT status FROM {schema}.sagas WHERE saga_id = %s"
+_REQUEST_CANCEL = """
+    UPDATE {schema}.sagas SET cancel = true
+    WHERE saga_id = %s AND status IN ('pending', 'running', 'compensating')
+    RETURNING true
+"""
 _LISTEN = "LISTEN {channel}"
 
 
@@ -326,6 +343,7 @@ class Statements(NamedTuple):
     unfinished: bytes
     status: bytes
     listen: bytes
+    request_cancel: bytes
 
 
 _TEMPLATES = {
@@ -344,6 +362,7 @@ _TEMPLATES = {
     "unfinished": _UNFINISHED,
     "status": _STATUS,
     "listen": _LISTEN,
+    "request_cancel": _REQUEST_CANCEL,
 }
 
 

@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
-from declsaga._errors import LeaseLost, StoreError
+from declsaga._errors import CancelRequested, LeaseLost, StoreError
 
 from . import _pg_sql as sql
-from ._base import FINAL_STATUSES, Claim, Commit, Reading, StoredSaga
+from ._base import FINAL_STATUSES, UNCANCELLED, Claim, Commit, Reading, StoredSaga
 from ._claims import (
     after_fork,
     check_claim_type,
@@ -385,6 +385,7 @@ class PostgresStore(Reading):
             fingerprint,
             definition,
             fields,
+            prepared.status in UNCANCELLED,
         )
         if prepared.seq == 0:
             which = "append_first"
@@ -393,11 +394,13 @@ class PostgresStore(Reading):
         else:
             which = "append_status"
         with self._translated(f"appending to saga {saga_id!r}"), self._pool().connection() as conn:
-            leased, appended, commits = self._append_row(conn, which, values)
+            leased, appended, commits, cancelled = self._append_row(conn, which, values)
         if not leased:
             self._lose(saga_id, claim.token)
             raise _lease_lost(saga_id)
         if not appended:
+            if cancelled and commits == prepared.seq:
+                raise CancelRequested(saga_id)
             raise conflict(saga_id, prepared.seq, commits)
         if ended:  # the statement ended the claim: nothing to release
             with self._lock:
@@ -406,10 +409,11 @@ class PostgresStore(Reading):
 
     def _append_row(
         self, conn: psycopg.Connection[Any], which: str, values: tuple[object, ...]
-    ) -> tuple[bool, bool, int]:
+    ) -> tuple[bool, bool, int, bool]:
         """Run an append statement on libpq directly, prepared once per connection: it
         is the hot path, and psycopg's own execute costs several times more CPU than the
-        statement's round trip needs. Returns (lease held, appended, commits so far)."""
+        statement's round trip needs. Returns (lease held, appended, commits so far, refused
+        for a cancel)."""
         from psycopg import pq  # noqa: PLC0415
 
         pgconn = conn.pgconn
@@ -430,7 +434,12 @@ class PostgresStore(Reading):
             result.get_value(0, 0) == b"t",
             result.get_value(0, 1) == b"t",
             0 if commits is None else int(commits),
+            result.get_value(0, 3) == b"t",
         )
+
+    def request_cancel(self, saga_id: str) -> bool:
+        with self._translated(f"cancelling saga {saga_id!r}"), self._pool().connection() as conn:
+            return conn.execute(self._sql.request_cancel, (saga_id,)).fetchone() is not None
 
     def load(self, saga_id: str) -> StoredSaga | None:
         with self._translated(f"loading saga {saga_id!r}"), self._pool().connection() as conn:

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from declsaga import _threads
-from declsaga._errors import StoreError
+from declsaga._errors import CancelRequested, StoreError
 from declsaga._loops import Handoff, deliver_all
 
 from . import _migrations as sql
-from ._base import Claim, Commit, Reading, StoredSaga
+from ._base import UNCANCELLED, Claim, Commit, Reading, StoredSaga
 from ._claims import (
     Claims,
     Prepared,
@@ -34,6 +34,7 @@ from ._claims import (
     claim_unfinished,
     conflict,
     prepare,
+    refused,
     stored_saga,
 )
 
@@ -441,12 +442,27 @@ class SQLiteStore(Reading):
             commit.header is not None
             and execute(sql.CREATE, (saga_id, *commit.header, commit.status, now, now)).rowcount
             == 0
-        ) or execute(sql.APPEND, (saga_id, commit.seq, commit.entries, now)).rowcount == 0:
+        ) or execute(
+            sql.APPEND, (saga_id, commit.seq, commit.entries, now, commit.status in UNCANCELLED)
+        ).rowcount == 0:
             commits = execute(sql.COUNT, (saga_id,)).fetchone()[0]
+            row = execute(sql.CANCELLED, (saga_id,)).fetchone()
+            if (
+                commits == commit.seq  # its next commit, refused only for the cancel
+                and row is not None
+                and refused(bool(row[0]), row[1], commit.status)
+            ):
+                return CancelRequested(saga_id)
             return conflict(saga_id, commit.seq, commits)
         if commit.header is None and commit.status is not None:
             execute(sql.SET_STATUS, (commit.status, now, saga_id))
         return None
+
+    def request_cancel(self, saga_id: str) -> bool:
+        with self._lock, self._translated(f"cancelling saga {saga_id!r}"):
+            connection = self._conn()
+            with self._transaction(connection, "BEGIN IMMEDIATE"):
+                return connection.execute(sql.REQUEST_CANCEL, (saga_id,)).rowcount > 0
 
     def load(self, saga_id: str) -> StoredSaga | None:
         with self._lock, self._translated(f"loading saga {saga_id!r}"):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import attrs
 
-from declsaga._errors import StoreError
+from declsaga._errors import CancelRequested, StoreError
 
 from ._base import FINAL_STATUSES, Claim, Commit, Reading, StoredSaga
 from ._claims import (
@@ -23,6 +23,7 @@ from ._claims import (
     claim_unfinished,
     conflict,
     prepare,
+    refused,
     stored_saga,
 )
 
@@ -35,6 +36,7 @@ class _Row:
     status: str
     created: float
     commits: list[tuple[str, float]]  # (entries as JSON text, time of the commit)
+    cancel: bool = False  # cancel() was asked
 
 
 _Saga = tuple[str, tuple[str, str, str, str], str, float, list[tuple[str, float]]]
@@ -75,6 +77,8 @@ class MemoryStore(Reading):
             commits = len(row.commits) if row is not None else 0
             if prepared.seq != commits:
                 raise conflict(prepared.saga_id, prepared.seq, commits)
+            if row is not None and refused(row.cancel, row.status, prepared.status):
+                raise CancelRequested(prepared.saga_id)
             if row is None:
                 assert prepared.header is not None and prepared.status is not None
                 row = _Row(prepared.header, prepared.status, now, [])
@@ -108,6 +112,15 @@ class MemoryStore(Reading):
     def unfinished(self) -> list[str]:
         found = self._snapshot(lambda row: row.status not in FINAL_STATUSES)
         return [saga[0] for saga in found]
+
+    def request_cancel(self, saga_id: str) -> bool:
+        with self._lock:
+            self._check_open()
+            row = self._sagas.get(saga_id)
+            if row is None or row.status in FINAL_STATUSES:
+                return False
+            row.cancel = True
+            return True
 
     def claim_next(self, limit: int) -> list[Claim]:
         return claim_unfinished(self, limit)
