@@ -184,6 +184,8 @@ def attempt_blocking(
             delay = state.failed(error)
             if delay is None:
                 return
+            if execution.parks(delay):
+                raise execution.park(delay) from None
             execution.commit()  # the count survives a crash
             if execution.stop_cancelled(run):
                 return

@@ -326,13 +326,14 @@ class DurableLog:
                 f"field {error.path}", action, error.type_name, error.reason
             ) from None
 
-    def commit(self, status: Status) -> None:
-        """Make everything recorded so far durable, in one store commit.
+    def commit(self, status: Status, *, due: float | None = None) -> None:
+        """Make everything recorded so far durable, in one store commit (`due`: parks
+        the saga until then, see `Commit.due`).
 
         `CancelRequested` if the store refused it because the saga was cancelled: the
         records stay pending, for the commit that carries the rollback."""
         with self._commit_lock:
-            commit = self._next_commit(status)
+            commit = self._next_commit(status, due)
             if commit is None:
                 return
             try:
@@ -396,7 +397,7 @@ class DurableLog:
         self.broken = StoreError(f"The store failed: {error!r}.")
         raise self.broken from error
 
-    def _next_commit(self, status: Status) -> Commit | None:
+    def _next_commit(self, status: Status, due: float | None = None) -> Commit | None:
         """The store commit of what was recorded since the last one; None if nothing
         changed. Call with the commit lock held."""
         if self.broken is not None:
@@ -412,4 +413,5 @@ class DurableLog:
             tuple(pending),
             None if status is self._status else _STATUS_VALUES[status],
             self._header if seq == 0 else None,
+            due,
         )

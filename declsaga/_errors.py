@@ -234,6 +234,16 @@ class SagaCancelled(SagaError):
         super().__init__(f"Saga {saga_id!r} was cancelled.")
 
 
+class Parked(StoreError):
+    """A worker parked a saga until its next attempt is due: committed, its claim let
+    go, for any worker to take up then. Internal, like `Abandoned`."""
+
+    def __init__(self, saga_id: str, due: float) -> None:
+        self.saga_id = saga_id
+        self.due = due
+        super().__init__(f"Saga {saga_id!r} is parked until its next attempt is due.")
+
+
 class SagaBusy(SagaError):
     """Another live process (or thread) drives this saga."""
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from inspect import isawaitable
@@ -30,6 +31,7 @@ from ._errors import (
     CancelRequested,
     CompensationTimeout,
     DeadlineExceeded,
+    Parked,
     SagaCancelled,
     SagaError,
 )
@@ -94,6 +96,7 @@ class Execution:
         "last_attempt",
         "limits",
         "log",
+        "park_after",
         "records",
         "repository",
         "saga_id",
@@ -142,6 +145,9 @@ class Execution:
         # The clock, the policies and the deadline (see _attempts.Limits).
         self.limits = limits
         self.cancelled = False  # a store refused a commit: cancel() was asked
+        # Set by a worker: a retry delay this long or longer parks the saga in the store
+        # (no thread, no claim held while it waits) instead of sleeping.
+        self.park_after: float | None = None
         self.last_attempt: dict[int, AttemptFailed] = {}  # run -> its last failed attempt
         if replay is None:
             self.append(SagaStarted(saga_id, datetime.now(UTC), perf_counter()))
@@ -261,6 +267,18 @@ class Execution:
                 await self.log.commit_async(self.engine.status)
             except CancelRequested:
                 self.cancelled = True
+
+    def parks(self, delay: float) -> bool:
+        """Whether to park the saga for a retry `delay` rather than wait for it here."""
+        return self.log is not None and self.park_after is not None and delay >= self.park_after
+
+    def park(self, delay: float) -> Parked:
+        """Commit what was recorded with the time the next attempt is due, and return
+        the error to raise, which stops the execution as a crash would."""
+        assert self.log is not None
+        due = time.time() + delay
+        self.log.commit(self.engine.status, due=due)
+        return Parked(self.saga_id, due)
 
     def stop_cancelled(self, run: int) -> bool:
         """After the commit before `run` executes: if the saga was cancelled, the run

@@ -446,6 +446,30 @@ class StoreConformance:
             store.release(claim)
         assert [claim.saga_id for claim in store.claim_next(3)] == ["s-0", "s-2"]
 
+    def test_claim_next_passes_over_a_parked_saga_until_it_is_due(self, store: Store) -> None:
+        claim = _start(store, "s-0")
+        store.append(claim, Commit(1, ("attempt 1 failed",), due=time.time() + 0.5))
+        store.release(claim)
+        store.release(_start(store, "s-1"))
+        assert [claim.saga_id for claim in store.claim_next(5)] == ["s-1"]
+        assert store.unfinished() == ["s-0", "s-1"]  # parked is still unfinished
+        deadline = time.monotonic() + 10
+        taken: list[Claim] = []
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.05)
+            taken = store.claim_next(5)
+        assert [claim.saga_id for claim in taken] == ["s-0"]
+        store.append(taken[0], Commit(2, ("attempt 2",)))  # no due: it stays due
+
+    @pytest.mark.parametrize("due", [math.inf, math.nan, "soon", True])
+    def test_a_due_time_is_finite_epoch_seconds(self, store: Store, due: Any) -> None:
+        claim = _start(store, "s-0")
+        with pytest.raises(
+            ValueError,
+            match=_exactly(f"A commit's due time must be finite epoch seconds, got {due!r}."),
+        ):
+            store.append(claim, Commit(1, ("x",), due=due))
+
     def test_claim_next_skips_held_sagas(self, store: Store) -> None:
         held = _start(store, "s-0")
         self._unfinished_and_released(store, [])

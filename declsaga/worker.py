@@ -19,7 +19,7 @@ import random
 import threading
 import time
 
-from ._errors import Abandoned, LeaseLost, StoreError, UsageError, describe
+from ._errors import Abandoned, LeaseLost, Parked, StoreError, UsageError, describe
 from ._execution import Execution
 from ._executor import Executor
 from ._report import Recovered
@@ -156,6 +156,8 @@ class Worker:
                 self._release(claim)
                 return
             opened.stop_when = self._stopping
+            # A retry that waits longer than a poll parks the saga for any worker.
+            opened.park_after = self.poll_interval
             with self._lock:
                 self._running[saga_id] = (claim, opened)
             try:
@@ -170,6 +172,12 @@ class Worker:
                 logger.info("Saga %r ended %s: %r", saga_id, status, error)
         except Abandoned:
             logger.info("Saga %r left at a step boundary for another worker.", saga_id)
+        except Parked as parked:
+            logger.info(
+                "Saga %r parked: its next attempt is due in %.1fs.",
+                saga_id,
+                parked.due - time.time(),
+            )
         except LeaseLost as error:
             logger.warning("Saga %r abandoned: %s", saga_id, error)
         except StoreError as error:

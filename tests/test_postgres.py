@@ -333,7 +333,7 @@ def test_processes_opening_one_new_schema_together_migrate_it_once() -> None:
         assert errors == []
         assert execute(
             sql.SQL("SELECT version FROM {}").format(table(schema, "declsaga_schema"))
-        ) == [(2,)]
+        ) == [(3,)]
 
 
 def refused(schema: str, message: str) -> StoreError:
@@ -352,7 +352,7 @@ def test_a_schema_from_a_newer_declsaga_is_refused(schema: str) -> None:
     refused(
         schema,
         f"The schema {schema!r} of {_masked(POSTGRES_DSN)} has schema version 99, from a "
-        "newer declsaga; this one knows versions up to 2. It was left unchanged.",
+        "newer declsaga; this one knows versions up to 3. It was left unchanged.",
     )
     assert execute(sql.SQL("SELECT version FROM {}").format(versions)) == [(99,)]
 

@@ -188,7 +188,7 @@ def test_a_database_from_a_newer_declsaga_is_refused(path: Path) -> None:
     refused(
         path,
         f"The database {path} has schema version 99, from a newer declsaga; this one "
-        "knows versions up to 2. It was left unchanged.",
+        "knows versions up to 3. It was left unchanged.",
     )
 
 
@@ -558,5 +558,5 @@ def test_a_version_1_database_is_migrated_and_keeps_its_sagas(path: Path) -> Non
         assert saga is not None and (saga.status, saga.entries) == ("running", ("started",))
         assert store.request_cancel("old") is True  # the column migration 2 adds
     connection = sqlite3.connect(path)
-    assert connection.execute("SELECT version FROM declsaga_schema").fetchall() == [(2,)]
+    assert connection.execute("SELECT version FROM declsaga_schema").fetchall() == [(3,)]
     connection.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workersagas import ENTERED, GATES, Held, Transfer, read_effects
+from workersagas import ENTERED, GATES, Flaky, Held, Transfer, read_effects
 
 from declsaga import Executor, SQLiteStore, StoreError, UsageError
 from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, Store, StoredSaga
@@ -165,6 +165,32 @@ def test_a_saga_of_an_unknown_definition_is_held_back_then_offered_again(
     assert claim is not None
     saga = store.load("gone-1")
     assert saga is not None and (saga.status, saga.seq) == ("pending", 1)  # untouched
+
+
+def test_a_worker_parks_a_saga_that_waits_for_a_retry(
+    store: Store, effects: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor = Executor(store=store)
+    executor.submit(Flaky(), saga_id="p-1")
+    with caplog.at_level(logging.INFO, logger="declsaga.worker"):
+        running = Running(Worker(executor, concurrency=1, poll_interval=0.05))
+        try:
+            deadline = time.monotonic() + 10
+            while "parked" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # Parked: the worker holds it no more, and nothing waits in a thread for it.
+            assert running.worker.running == []
+            saga = store.load("p-1")
+            assert saga is not None and saga.status == "running"
+            assert [e["kind"] for e in saga.entries][-1] == "attempt_failed"
+            report = executor.wait("p-1", timeout=10)
+        finally:
+            running.stop()
+    assert "Saga 'p-1' parked: its next attempt is due in 0." in caplog.text
+    assert [run.action for run in report.runs] == ["call"]
+    record = store.get("p-1")  # type: ignore[attr-defined]
+    assert record.fields["attempts"] == [2]
+    assert [line["phase"] for line in read_effects(effects)] == ["attempt 1", "attempt 2"]
 
 
 class FailingStore:

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from declsaga import Context, Saga, compensates, step
+from declsaga.policies import Retry
 
 # In-process tests control steps through these.
 GATES: dict[str, threading.Event] = {}  # saga id -> the event its `hold` step waits for
@@ -156,3 +157,16 @@ class Held(Saga, name="tests.workers.Held"):
     @step(order=3)
     def last(self, ctx: Context) -> None:
         self.done = [*self.done, "last"]
+
+
+class Flaky(Saga, name="tests.workers.Flaky"):
+    """Its one step fails its first attempt; the retry waits 0.4 s."""
+
+    attempts: list[int] = attrs.field(factory=list)
+
+    @step(order=1, retry=Retry(attempts=3, backoff=0.4, jitter=0, on=(ConnectionError,)))
+    def call(self, ctx: Context) -> None:
+        effect(ctx, "call", f"attempt {ctx.attempt}")
+        self.attempts = [*self.attempts, ctx.attempt]
+        if ctx.attempt == 1:
+            raise ConnectionError("the service is restarting")

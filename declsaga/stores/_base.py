@@ -69,6 +69,8 @@ class Commit:
     entries: tuple[JSON, ...]
     status: str | None = None
     header: SagaHeader | None = None  # required with seq 0, which creates the saga
+    # Parks the saga: `claim_next` passes it over until this time (epoch seconds).
+    due: float | None = None
 
 
 @attrs.frozen
@@ -127,8 +129,9 @@ class Store(Protocol):
         ...
 
     def claim_next(self, limit: int) -> list[Claim]:
-        """Claim up to `limit` unfinished sagas that nobody holds, oldest first, without
-        waiting. Concurrent callers never get the same saga."""
+        """Claim up to `limit` unfinished sagas that nobody holds and that are not
+        parked (see `Commit.due`), oldest first, without waiting. Concurrent callers
+        never get the same saga."""
         ...
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:

@@ -26,6 +26,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import threading
@@ -267,6 +268,7 @@ class Prepared(NamedTuple):
     entries: str  # the commit's entries as one JSON array
     status: str | None
     header: tuple[str, str, str, str] | None  # name, fingerprint, definition, fields
+    due: float | None = None  # parks the saga until then (epoch seconds)
 
 
 # ASCII escapes keep lone surrogates storable; NaN and infinities are kept as Python's
@@ -339,13 +341,13 @@ def check_limit(limit: object) -> None:
         raise ValueError(f"claim_next takes a limit of at least 1, got {limit!r}.")
 
 
-def claim_unfinished(store: Store, limit: int) -> list[Claim]:
-    """`claim_next` for stores whose claims are locks of this host: try the unfinished
-    sagas in turn. A saga may end between the listing and its claim, so whoever claims
-    loads it next, as recovery does."""
+def claim_unfinished(store: Store, limit: int, ready: list[str]) -> list[Claim]:
+    """`claim_next` for stores whose claims are locks of this host: try the `ready`
+    sagas (unfinished, not parked) in turn. A saga may end between the listing and its
+    claim, so whoever claims loads it next, as recovery does."""
     check_limit(limit)
     claims: list[Claim] = []
-    for saga_id in store.unfinished():
+    for saga_id in ready:
         claim = store.claim(saga_id)
         if claim is not None:
             claims.append(claim)
@@ -389,7 +391,7 @@ def prepare(claims: ClaimCheck, claim: Claim, commit: Commit) -> Prepared:
                 f"Commit 0 of saga {saga_id!r}: the first commit (seq 0), and only it, "
                 "carries the saga's header."
             )
-        return Prepared(saga_id, seq, _encode(entries, saga_id), status, None)
+        return Prepared(saga_id, seq, _encode(entries, saga_id), status, None, _due(commit))
     if seq != 0:
         raise ValueError(
             f"Commit {seq} of saga {saga_id!r}: the first commit (seq 0), and only "
@@ -408,7 +410,14 @@ def prepare(claims: ClaimCheck, claim: Claim, commit: Commit) -> Prepared:
     )
     if status is None:
         status = "running"  # a saga starts running unless its first commit says otherwise
-    return Prepared(saga_id, seq, _encode(entries, saga_id), status, texts)
+    return Prepared(saga_id, seq, _encode(entries, saga_id), status, texts, _due(commit))
+
+
+def _due(commit: Commit) -> float | None:
+    due = commit.due
+    if due is not None and (type(due) not in (int, float) or not math.isfinite(due)):
+        raise ValueError(f"A commit's due time must be finite epoch seconds, got {due!r}.")
+    return due
 
 
 def conflict(saga_id: str, seq: int, commits: int) -> StoreError:

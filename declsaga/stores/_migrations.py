@@ -24,7 +24,9 @@ __all__ = [
     "LOAD",
     "LOAD_JOURNAL",
     "MIGRATIONS",
+    "READY",
     "REQUEST_CANCEL",
+    "SET_DUE",
     "SET_STATUS",
     "UNFINISHED",
     "WITH_STATUS",
@@ -78,6 +80,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: cancel() from any process: a flag that refuses the commits carrying the saga
     # forward (see APPEND).
     ("ALTER TABLE sagas ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0",),
+    # 3: a saga waiting for a retry is parked: workers pass it over until `due`.
+    ("ALTER TABLE sagas ADD COLUMN due REAL NOT NULL DEFAULT 0",),
 )
 
 LATEST = len(MIGRATIONS)
@@ -98,6 +102,12 @@ APPEND = """
 """
 # Why an append wrote nothing, when it is not a conflict.
 CANCELLED = "SELECT cancel, status FROM sagas WHERE saga_id = ?"
+SET_DUE = "UPDATE sagas SET due = ? WHERE saga_id = ?"
+READY = """
+    SELECT saga_id FROM sagas
+    WHERE status IN ('pending', 'running', 'compensating') AND due <= ?
+    ORDER BY created, number
+"""
 REQUEST_CANCEL = """
     UPDATE sagas SET cancel = 1
     WHERE saga_id = ? AND status IN ('pending', 'running', 'compensating')

@@ -88,6 +88,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: cancel() from any process: a flag that refuses the commits carrying the saga
     # forward (see _MAY_GO_ON).
     ("ALTER TABLE {schema}.sagas ADD COLUMN cancel BOOLEAN NOT NULL DEFAULT false",),
+    # 3: a saga waiting for a retry is parked: workers pass it over until `due`.
+    ("ALTER TABLE {schema}.sagas ADD COLUMN due TIMESTAMPTZ",),
 )
 
 LATEST = len(MIGRATIONS)
@@ -139,6 +141,7 @@ _CLAIM_NEXT = f"""
     WITH candidates AS (
         SELECT s.number, s.saga_id, s.created FROM {{schema}}.sagas AS s
         WHERE s.status IN ('pending', 'running', 'compensating')
+        AND (s.due IS NULL OR s.due <= clock_timestamp())
         AND NOT EXISTS (
             SELECT FROM {{schema}}.claims AS c
             WHERE c.saga_id = s.saga_id AND c.expires > clock_timestamp()
@@ -222,9 +225,13 @@ _INSERT = """
         ON CONFLICT DO NOTHING
         RETURNING saga
     )"""
+# A new status, or a due time that parks the saga (or both).
 _CHANGE = """
     changed AS (
-        UPDATE {schema}.sagas SET status = %(status)s::text, updated = now()
+        UPDATE {schema}.sagas SET
+            status = coalesce(%(status)s::text, status),
+            updated = CASE WHEN %(status)s::text IS NULL THEN updated ELSE now() END,
+            due = coalesce(to_timestamp(%(due)s::float8), due)
         WHERE number IN (SELECT saga FROM appended)
     )"""
 _END = """
@@ -270,6 +277,7 @@ APPEND_PARAMETERS = (
     ("definition", 25),
     ("fields", 25),
     ("uncancelled", 16),
+    ("due", 701),  # float8
 )
 _POSITIONS = {name.encode(): f"${n}".encode() for n, (name, _) in enumerate(APPEND_PARAMETERS, 1)}
 _NAMED = re.compile(rb"%\((\w+)\)s")

@@ -386,10 +386,11 @@ class PostgresStore(Reading):
             definition,
             fields,
             prepared.status in UNCANCELLED,
+            prepared.due,
         )
         if prepared.seq == 0:
             which = "append_first"
-        elif prepared.status is None:
+        elif prepared.status is None and prepared.due is None:
             which = "append_next"
         else:
             which = "append_status"

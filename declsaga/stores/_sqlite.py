@@ -456,6 +456,8 @@ class SQLiteStore(Reading):
             return conflict(saga_id, commit.seq, commits)
         if commit.header is None and commit.status is not None:
             execute(sql.SET_STATUS, (commit.status, now, saga_id))
+        if commit.due is not None:
+            execute(sql.SET_DUE, (commit.due, saga_id))
         return None
 
     def request_cancel(self, saga_id: str) -> bool:
@@ -481,7 +483,9 @@ class SQLiteStore(Reading):
         return [row[0] for row in rows]
 
     def claim_next(self, limit: int) -> list[Claim]:
-        return claim_unfinished(self, limit)
+        with self._lock, self._translated("listing sagas to claim"):
+            rows = self._conn().execute(sql.READY, (time.time(),)).fetchall()
+        return claim_unfinished(self, limit, [row[0] for row in rows])
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         parameters: tuple[str, ...] = ()

@@ -37,6 +37,7 @@ class _Row:
     created: float
     commits: list[tuple[str, float]]  # (entries as JSON text, time of the commit)
     cancel: bool = False  # cancel() was asked
+    due: float = 0.0  # parked until then
 
 
 _Saga = tuple[str, tuple[str, str, str, str], str, float, list[tuple[str, float]]]
@@ -85,6 +86,8 @@ class MemoryStore(Reading):
                 self._sagas[prepared.saga_id] = row
             elif prepared.status is not None:
                 row.status = prepared.status
+            if prepared.due is not None:
+                row.due = prepared.due
             row.commits.append((prepared.entries, now))
 
     def _snapshot(self, keep: Callable[[_Row], bool]) -> list[_Saga]:
@@ -123,7 +126,9 @@ class MemoryStore(Reading):
             return True
 
     def claim_next(self, limit: int) -> list[Claim]:
-        return claim_unfinished(self, limit)
+        now = time.time()
+        ready = self._snapshot(lambda row: row.status not in FINAL_STATUSES and row.due <= now)
+        return claim_unfinished(self, limit, [saga[0] for saga in ready])
 
     def sagas(self, status: str | None = None) -> list[StoredSaga]:
         if status is not None:
