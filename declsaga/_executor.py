@@ -7,7 +7,6 @@ import functools
 import logging
 import math
 import os
-import threading
 import time
 from asyncio import events
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
 from ._attempts import Limits
+from ._concurrently import check_concurrency, each, each_async
 from ._durable import identify
 from ._errors import CompensationFailed, SagaBusy, SagaError, StoreError, UsageError, describe
 from ._execution import Execution
@@ -25,6 +25,7 @@ from ._policies import Clock, SystemClock, seconds_problem
 from ._report import Recovered, Report, build_report
 from ._setup import Setup, check_setup, validate_checked
 from ._stored import Ended, check_submitted, ended, open_saga, resolve, submit_saga
+from ._waiting import check_saga_id, load_known, until_ended, until_ended_async
 from .stores._base import FINAL_STATUSES, Claim, Commit, Store, StoredSaga
 
 if TYPE_CHECKING:
@@ -339,38 +340,13 @@ class Executor:
         `TimeoutError` if it has not ended within `timeout` seconds (None: no limit); a
         `UsageError` if the store has no saga with that id. The reporter is not called:
         whoever ran the saga reported it."""
-        store = self._store_for("wait")
-        deadline = _deadline(saga_id, timeout)
-        pause = _FIRST_POLL
-        while True:
-            stored = _load_known(store, saga_id)
-            if stored.status in FINAL_STATUSES:
-                return self._raise(_recorded(ended(stored)))
-            remaining = _remaining(deadline, saga_id, timeout, stored.status)
-            wait_ended = getattr(store, "wait_ended", None)
-            if wait_ended is not None:
-                wait_ended(saga_id, min(remaining, _LONGEST_WAIT))
-            else:
-                time.sleep(min(remaining, pause))
-                pause = min(pause * 2, _LAST_POLL)
+        stored = until_ended(self._store_for("wait"), saga_id, timeout)
+        return self._raise(_recorded(ended(stored)))
 
     async def wait_async(self, saga_id: str, *, timeout: float | None = None) -> Report:
         """`wait` from asyncio code, which it never blocks."""
-        store = self._store_for("wait_async")
-        deadline = _deadline(saga_id, timeout)
-        pause = _FIRST_POLL
-        while True:
-            stored = await off_loop(_load_known, store, saga_id)
-            if stored.status in FINAL_STATUSES:
-                return self._raise(_recorded(ended(stored)))
-            remaining = _remaining(deadline, saga_id, timeout, stored.status)
-            wait_ended = getattr(store, "wait_ended", None)
-            if wait_ended is not None:
-                # Short waits: a cancelled wait_async is not held up for long.
-                await off_loop(wait_ended, saga_id, min(remaining, _LAST_POLL))
-            else:
-                await asyncio.sleep(min(remaining, pause))
-                pause = min(pause * 2, _LAST_POLL)
+        stored = await until_ended_async(self._store_for("wait_async"), saga_id, timeout)
+        return self._raise(_recorded(ended(stored)))
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -381,7 +357,7 @@ class Executor:
         back by the next worker or `recover()` that takes it; one whose last step has
         already finished completes."""
         store = self._store_for("cancel")
-        _deadline(saga_id, None)  # checks the id
+        check_saga_id(saga_id)
         return store.request_cancel(saga_id)
 
     def retry(self, saga_id: str) -> Report:
@@ -428,12 +404,12 @@ class Executor:
     @staticmethod
     def _operate(store: Store, saga_id: str, done: str) -> tuple[Claim, StoredSaga]:
         """The claim of a failed saga an operator acts on, and the saga as stored."""
-        _deadline(saga_id, None)  # checks the id
+        check_saga_id(saga_id)
         claim = store.claim(saga_id)
         if claim is None:
             raise SagaBusy(saga_id)
         try:
-            stored = _load_known(store, saga_id)
+            stored = load_known(store, saga_id)
             if stored.status != Status.FAILED.value:
                 raise UsageError(
                     f"Saga {saga_id!r} is {stored.status}: only a failed saga can be {done}."
@@ -458,39 +434,9 @@ class Executor:
                 "use 'await executor.recover_async()' instead."
             )
         store = self._store_for("recover")
-        _check_concurrency(concurrency)
+        check_concurrency(concurrency)
         ids = store.unfinished()
-        outcomes: list[Recovered | None] = [None] * len(ids)
-        failures: list[BaseException] = []
-        lock = threading.Lock()
-        indexes = iter(range(len(ids)))
-
-        def work() -> None:
-            while True:
-                with lock:
-                    index = None if failures else next(indexes, None)
-                if index is None:
-                    return
-                try:
-                    outcomes[index] = self._recover_one(store, ids[index])
-                except BaseException as error:
-                    with lock:
-                        failures.append(error)
-                    return
-
-        if concurrency == 1:
-            work()
-        else:
-            threads = [
-                threading.Thread(target=work, name=f"declsaga-recover-{n}", daemon=True)
-                for n in range(min(concurrency, len(ids)))
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        if failures:
-            raise failures[0]
+        outcomes = each(ids, concurrency, functools.partial(self._recover_one, store))
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _recover_one(self, store: Store, saga_id: str) -> Recovered | None:
@@ -508,28 +454,15 @@ class Executor:
     async def recover_async(self, *, concurrency: int = 1) -> list[Recovered]:
         """`recover()` from asyncio code; `concurrency` sagas run as tasks at once."""
         store = self._store_for("recover_async")
-        _check_concurrency(concurrency)
+        check_concurrency(concurrency)
         loop = asyncio.get_running_loop()
         ids = await off_loop(store.unfinished)
-        outcomes: list[Recovered | None] = [None] * len(ids)
-        failures: list[BaseException] = []
-        indexes = iter(range(len(ids)))
-
-        async def work() -> None:
-            while not failures and (index := next(indexes, None)) is not None:
-                try:
-                    outcomes[index] = await self._recover_one_async(store, ids[index], loop)
-                except BaseException as error:
-                    failures.append(error)
-                    return
-
-        await asyncio.gather(*(work() for _ in range(min(concurrency, len(ids)))))
-        if failures:
-            raise failures[0]
+        one = functools.partial(self._recover_one_async, store, loop=loop)
+        outcomes = await each_async(ids, concurrency, one)
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def _recover_one_async(
-        self, store: Store, saga_id: str, loop: asyncio.AbstractEventLoop
+        self, store: Store, saga_id: str, *, loop: asyncio.AbstractEventLoop
     ) -> Recovered | None:
         claim = await off_loop(store.claim, saga_id, undo=store.release)
         if claim is None:
@@ -566,48 +499,6 @@ class Executor:
             return Recovered(claim.saga_id, name, stored.status, None, None, refused)
         assert isinstance(opened, Execution)  # it was unfinished when loaded under the claim
         return opened
-
-
-# Polling a store without notifications: from 5 ms, doubling up to a quarter second.
-_FIRST_POLL = 0.005
-_LAST_POLL = 0.25
-_LONGEST_WAIT = 5.0  # one wait for a notification; the status is checked again after it
-
-
-def _check_concurrency(concurrency: object) -> None:
-    if type(concurrency) is not int or concurrency < 1:
-        raise ValueError(f"concurrency must be an int of at least 1, got {concurrency!r}.")
-
-
-def _deadline(saga_id: str, timeout: float | None) -> float | None:
-    if not isinstance(saga_id, str) or not saga_id.strip():
-        raise UsageError(f"saga_id must be a non-empty string, got {describe(saga_id)}.")
-    if timeout is None:
-        return None
-    if (
-        not isinstance(timeout, int | float)
-        or isinstance(timeout, bool)
-        or not timeout >= 0  # NaN fails this too
-    ):
-        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}.")
-    return time.monotonic() + timeout
-
-
-def _remaining(deadline: float | None, saga_id: str, timeout: float | None, status: str) -> float:
-    """Seconds left to wait, or `TimeoutError` once there are none."""
-    if deadline is None:
-        return math.inf
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError(f"Saga {saga_id!r} did not end within {timeout:g}s; it is {status}.")
-    return remaining
-
-
-def _load_known(store: Store, saga_id: str) -> StoredSaga:
-    stored = store.load(saga_id)
-    if stored is None:
-        raise UsageError(f"Saga {saga_id!r} is not in {store!r}: submit or execute it first.")
-    return stored
 
 
 def _recovered(execution: Execution, outcome: tuple[Report, BaseException | None]) -> Recovered:
