@@ -300,3 +300,52 @@ def test_operations_need_a_store(operation: str) -> None:
         match=exactly(f"{operation}() needs an executor with a store: Executor(store=...)."),
     ):
         getattr(Executor(), operation)(*args)
+
+
+OPERATOR = """
+import sys
+import declsaga
+
+undone = []
+setup = declsaga.new(
+    {{"s1": lambda ctx: None, "s2": lambda ctx: None, "s3": lambda ctx: None,
+      "u1": lambda ctx: print("u1 ran", flush=True), "u2": lambda ctx: None}},
+    sequence=["s1", "s2", "s3"], compensators={{"s1": "u1", "s2": "u2"}}, name={name!r},
+)
+executor = declsaga.Executor(store=declsaga.SQLiteStore({db!r}))
+if sys.argv[1] == "retry":
+    try:
+        executor.retry("r-1")
+    except RuntimeError as error:
+        print("raised", error, flush=True)
+else:
+    executor.resolve("r-2", "fixed in the ledger")
+    print("resolved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("operation", ["retry", "resolve"])
+def test_retry_and_resolve_from_another_process(
+    tmp_path: Path, steps: Steps, operation: str
+) -> None:
+    db = str(tmp_path / "s.db")
+    saga_id = "r-1" if operation == "retry" else "r-2"
+    with SQLiteStore(db) as store:
+        failed_saga(store, steps, saga_id)
+    script = OPERATOR.format(name=steps.setup.name, db=db)  # type: ignore[attr-defined]
+    done = subprocess.run(
+        [sys.executable, "-c", script, operation],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    if operation == "retry":
+        assert done.stdout.split("\n")[:2] == ["u1 ran", "raised s3 failed"]
+    else:
+        assert done.stdout.strip() == "resolved"
+    with SQLiteStore(db) as store:
+        saga = store.load(saga_id)
+        assert saga is not None
+        assert saga.status == ("compensated" if operation == "retry" else "resolved")
