@@ -4,9 +4,11 @@ The drivers of `_execution` call these only for actions that have a policy, or w
 saga has a deadline; every other run takes the drivers' own short path. An attempt that
 fails and is retried is recorded (`AttemptFailed`, committed at once, so that a crash
 does not reset the count) and the run stays open; the next attempt starts from the
-fields as they were when the run started, after the retry's delay, read from the
-executor's clock. A timeout cancels an async action; a sync one cannot be stopped, so it
-runs in a worker thread that is abandoned at the timeout, its late outcome discarded.
+fields as they were when the run started (except in a parallel group, where the other
+members may have changed them meanwhile: there it starts from the fields as they are),
+after the retry's delay, read from the executor's clock. A timeout cancels an async
+action; a sync one cannot be stopped, so it runs in a worker thread that is abandoned at
+the timeout, its late outcome discarded.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class _Run:
         *,
         default: Retry | None,
         budget_left: Any,
+        restore: bool = True,
     ) -> None:
         self.execution = execution
         self.run = run
@@ -129,7 +132,7 @@ class _Run:
         retry = self.policy.retry if self.policy is not None else None
         self.retry = default if retry is None else retry
         self.attempt, self.wait = _first_attempt(execution, run)
-        self.fields = _Fields(execution) if self.retry is not None else None
+        self.fields = _Fields(execution) if self.retry is not None and restore else None
 
     def failed(self, error: BaseException) -> float | None:
         """Record attempt `attempt`'s failure: the run's, and None, if it fails for
@@ -145,8 +148,8 @@ class _Run:
 
     def again(self) -> None:
         """After the wait: the next attempt starts from the run's first fields."""
-        assert self.fields is not None
-        self.fields.restore()
+        if self.fields is not None:
+            self.fields.restore()
         self.attempt += 1
 
     def _next_delay(self, error: BaseException) -> float | None:
@@ -207,11 +210,15 @@ async def attempt_async(
     budget_left: Any = None,
     abandonable: bool = False,
     contexts: list[Context] | None = None,
+    restore: bool = True,
 ) -> None:
     """`attempt_blocking` from the loop. For a compensation: `budget_left()` is the
     seconds its rollback may still spend, which no retry delay may exceed, and each
-    attempt's context is appended to `contexts`."""
-    state = _Run(execution, action, run, limits, default=default, budget_left=budget_left)
+    attempt's context is appended to `contexts`. `restore=False` (a parallel group's
+    member): a retry does not put the saga's fields back."""
+    state = _Run(
+        execution, action, run, limits, default=default, budget_left=budget_left, restore=restore
+    )
     if state.wait:
         await limits.clock.sleep_async(state.wait)
     while True:

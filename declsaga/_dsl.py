@@ -54,7 +54,9 @@ _SETUP_METHODS = frozenset({"sequence", "compensator", "action"})
 # Methods of Saga beyond the Setup protocol that the executor looks up with getattr():
 # prefixed, so that they never clash with a saga's own fields (a `deadline` field, say)
 # nor with what a hand-written setup class happens to define.
-_POLICY_METHODS = frozenset({"_declsaga_policies", "_declsaga_policy", "_declsaga_deadline"})
+_POLICY_METHODS = frozenset(
+    {"_declsaga_policies", "_declsaga_policy", "_declsaga_deadline", "_declsaga_groups"}
+)
 _RESERVED = _SETUP_METHODS | _POLICY_METHODS
 # Keyword arguments accepted in `class X(Saga, ...)`.
 _CLASS_OPTIONS: frozenset[str] = frozenset({"name", "deadline"})
@@ -78,6 +80,7 @@ class ActionInfo:
     defined_in: type  # the class whose body defines the method
     function: Callable[..., object] = attrs.field(repr=False)
     policy: ActionPolicy | None = None  # its retry= and timeout=, if either is given
+    parallel: bool = False  # steps only: `@step(..., parallel=True)`
 
 
 @final
@@ -96,6 +99,9 @@ class SagaPlan:
     # the fingerprint: changing a policy does not change what recovery relies on.
     policies: Mapping[str, ActionPolicy] = attrs.field(hash=False, factory=dict)
     deadline: float | None = None  # seconds: `class X(Saga, deadline=...)`, inherited
+    # The parallel groups: the step names of each order whose steps say parallel=True,
+    # sorted by name (their order in the sequence), groups in sequence order.
+    groups: tuple[tuple[str, ...], ...] = ()
 
 
 @final
@@ -112,6 +118,7 @@ class _Compiled:
     deadline: float | None
     plan: SagaPlan
     definition: Definition
+    groups: tuple[tuple[str, ...], ...]
 
 
 def compiled(saga_class: type) -> _Compiled | None:
@@ -174,7 +181,7 @@ def _compile(cls: type[Saga], namespace: Mapping[str, object], saga_name: str) -
     owner = cls.__qualname__
     entries = _collect(cls, namespace)
     by_name: dict[str, _Entry] = {}
-    by_order: dict[int, _Entry] = {}
+    by_order: dict[int, list[_Entry]] = {}
     for entry in entries:
         name, label = entry.name, entry.label(cls)
         if name in _SETUP_METHODS:
@@ -192,13 +199,18 @@ def _compile(cls: type[Saga], namespace: Mapping[str, object], saga_name: str) -
         by_name[name] = entry
         order = entry.marker.order
         if order is not None:
-            if (other := by_order.get(order)) is not None:
-                raise definition_error(
-                    owner,
-                    f"steps {other.label(cls)} and {label} both have order {order}; "
-                    "give each step its own order",
-                )
-            by_order[order] = entry
+            same_order = by_order.setdefault(order, [])
+            if same_order:
+                _check_shared_order(cls, order, same_order[0], entry)
+            same_order.append(entry)
+    for order, same_order in by_order.items():
+        if same_order[0].marker.parallel and len(same_order) == 1:
+            raise definition_error(
+                owner,
+                f"step {same_order[0].label(cls)} has parallel=True, but no other step has "
+                f"order {order}; a parallel group is two or more steps of one order: add "
+                "another, or drop parallel=True",
+            )
     compensators: dict[str, str] = {}
     compensator_of: dict[str, _Entry] = {}
     for entry in entries:
@@ -218,6 +230,26 @@ def _compile(cls: type[Saga], namespace: Mapping[str, object], saga_name: str) -
         compensator_of[target] = entry
         compensators[target] = entry.name
     return _freeze(cls, saga_name, entries, compensators)
+
+
+def _check_shared_order(cls: type, order: int, first: _Entry, entry: _Entry) -> None:
+    """Two steps of one order: both parallel=True (one group), or a DefinitionError."""
+    if first.marker.parallel and entry.marker.parallel:
+        return
+    owner = cls.__qualname__
+    if not first.marker.parallel and not entry.marker.parallel:
+        raise definition_error(
+            owner,
+            f"steps {first.label(cls)} and {entry.label(cls)} both have order {order}; "
+            "give each step its own order",
+        )
+    grouped, alone = (first, entry) if first.marker.parallel else (entry, first)
+    raise definition_error(
+        owner,
+        f"step {grouped.label(cls)} has parallel=True and order {order}, which step "
+        f"{alone.label(cls)} has without parallel=True; the steps of a parallel group all "
+        f"say parallel=True: add it to {alone.method}, or give one of them another order",
+    )
 
 
 def _unknown(target: str, entries: list[_Entry], cls: type) -> str:
@@ -251,13 +283,23 @@ def _freeze(
             defined_in=entry.defined_in,
             function=entry.function,
             policy=_policy(entry.marker),
+            parallel=entry.marker.parallel,
         )
         for entry in entries
     }
     policies = {name: info.policy for name, info in infos.items() if info.policy is not None}
-    steps = sorted((i for i in infos.values() if i.kind == "step"), key=lambda i: i.order or 0)
+    # By order; the members of a parallel group (one order) by name, so that moving
+    # methods around in the class body leaves the sequence and the fingerprint alone.
+    steps = sorted(
+        (i for i in infos.values() if i.kind == "step"), key=lambda i: (i.order or 0, i.name)
+    )
     sequence = tuple(info.name for info in steps)
-    definition = Definition.of(sequence, compensators, infos)
+    grouped: dict[int, list[str]] = {}
+    for info in steps:
+        if info.parallel:
+            grouped.setdefault(info.order or 0, []).append(info.name)
+    groups = tuple(tuple(names) for names in grouped.values())
+    definition = Definition.of(sequence, compensators, infos, groups)
     plan = SagaPlan(
         saga=cls,
         name=saga_name,
@@ -267,9 +309,10 @@ def _freeze(
         actions=tuple(infos.values()),
         compensators=MappingProxyType(compensators),
         policies=MappingProxyType(policies),
+        groups=groups,
     )
     functions = {name: (info.function, info.is_async) for name, info in infos.items()}
-    return _Compiled(sequence, compensators, functions, policies, None, plan, definition)
+    return _Compiled(sequence, compensators, functions, policies, None, plan, definition, groups)
 
 
 def _check_fields(cls: type) -> None:
@@ -423,3 +466,8 @@ class Saga(metaclass=_SagaMeta):
     def _declsaga_deadline(self) -> float | None:
         """The saga's deadline in seconds (`class X(Saga, deadline=...)`), or None."""
         return self.__declsaga__.deadline
+
+    def _declsaga_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The parallel step groups (`@step(..., parallel=True)`), each a run of
+        consecutive names of the sequence; empty if none."""
+        return self.__declsaga__.groups

@@ -2,6 +2,10 @@
 
 No I/O, no asyncio, no clock. Drivers append records with `apply` and ask `next()` what
 happens next; recovering a saga is replaying its journal through `apply`.
+
+A setup with parallel step groups gets a `GroupEngine` (see `engine_for`): several step
+runs may then be open at once. A setup without groups gets the plain `Engine`, whose
+per-step path knows nothing of groups.
 """
 
 from __future__ import annotations
@@ -22,9 +26,19 @@ from ._journal import (
     SagaStarted,
     Status,
 )
-from ._setup import Action, Setup
+from ._setup import Action, Setup, group_spans
 
-__all__ = ["Compensate", "Decision", "Engine", "Finish", "RunStep", "StartRollback"]
+__all__ = [
+    "Compensate",
+    "Decision",
+    "Engine",
+    "Finish",
+    "GroupEngine",
+    "RunGroup",
+    "RunStep",
+    "StartRollback",
+    "engine_for",
+]
 
 
 class RunStep(NamedTuple):
@@ -32,6 +46,14 @@ class RunStep(NamedTuple):
 
     action: Action
     run: int | None
+
+
+class RunGroup(NamedTuple):
+    """Run the members of a parallel group together, each `(action, run)`: `run` is None
+    for a member to start, set for a member in flight at a crash (to execute again);
+    members with an outcome are not listed."""
+
+    members: tuple[tuple[Action, int | None], ...]
 
 
 class StartRollback(NamedTuple):
@@ -56,7 +78,7 @@ class Finish(NamedTuple):
     error: BaseException | None
 
 
-Decision = RunStep | StartRollback | Compensate | Finish
+Decision = RunStep | RunGroup | StartRollback | Compensate | Finish
 
 # A NamedTuple's constructor is a Python function; the step decision is made on every
 # step, so it is built from a tuple directly.
@@ -105,6 +127,12 @@ class Engine:
         if self._ended is not None:
             return self._ended.status
         return Status.RUNNING if self._rollback_error is None else Status.COMPENSATING
+
+    @property
+    def step_error(self) -> BaseException | None:
+        """The error of the step that failed (of a group: the first), until the rollback
+        starts."""
+        return self._step_error
 
     def action_of(self, run: int) -> str:
         return self._runs[run].action
@@ -217,3 +245,91 @@ class Engine:
             )
             return Finish(Status.FAILED, CompensationFailed(action_error, missing))
         return Compensate(action, target, target_action, run)
+
+
+def engine_for(setup: Setup) -> Engine:
+    """The engine for `setup`: a `GroupEngine` if it has parallel groups (which a setup
+    exposes with `_declsaga_groups()`, beyond the Setup protocol), else an `Engine`."""
+    groups_of = getattr(setup, "_declsaga_groups", None)
+    groups = groups_of() if groups_of is not None else None
+    if not groups:
+        return Engine(setup)
+    return GroupEngine(setup, group_spans(setup.sequence(), groups))
+
+
+class GroupEngine(Engine):
+    """The rules with parallel groups: a group's members start together, and their
+    outcomes come in any order (completion order). Once every member has an outcome the
+    group is settled: if one failed, the rollback starts with the FIRST failure recorded,
+    and compensates every succeeded run, group members included, newest first; else the
+    sequence goes on after the group."""
+
+    __slots__ = ("_group_end", "_open_members", "_spans")
+
+    def __init__(self, setup: Setup, spans: dict[int, int]) -> None:
+        super().__init__(setup)
+        self._spans = spans  # a group's first sequence position -> the one after its last
+        self._group_end: int | None = None  # the group under way: the position after it
+        self._open_members: dict[int, None] = {}  # its started runs without outcome, in order
+
+    def run_started(self, record: RunStarted) -> None:
+        if record.role is Role.STEP:
+            end = self._group_end
+            if end is None:
+                end = self._spans.get(self._next_step)
+            if end is not None and self._next_step < end:
+                self._group_end = end
+                self._runs[record.run] = record
+                self._next_step += 1
+                self._open_members[record.run] = None
+                return
+        super().run_started(record)
+
+    def run_succeeded(self, record: RunSucceeded) -> None:
+        super().run_succeeded(record)
+        if record.run in self._open_members:
+            self._settle(record.run)
+
+    def run_failed(self, record: RunFailed) -> None:
+        if record.run in self._open_members:
+            if self._step_error is None:  # the first failure is the rollback's error
+                self._step_error = record.error
+            self._settle(record.run)
+            return
+        super().run_failed(record)
+
+    def _settle(self, run: int) -> None:
+        del self._open_members[run]
+        end = self._group_end
+        if not self._open_members and end is not None and self._next_step >= end:
+            self._group_end = None  # every member has its outcome
+
+    def next(self) -> Decision:
+        if self._ended is None and self._rollback_error is None:
+            end = self._group_end
+            if end is not None:  # a group under way (resumed after a crash, say)
+                return self._group(end)
+            if (
+                self._step_error is None
+                and self._open_step is None
+                and (end := self._spans.get(self._next_step)) is not None
+            ):
+                return self._group(end)
+        return super().next()
+
+    def _group(self, end: int) -> Decision:
+        """The members of the group ending before `end` that still need to run."""
+        setup = self._setup
+        members: list[tuple[Action, int | None]] = []
+        for run in self._open_members:
+            name = self._runs[run].action
+            action = setup.action(name)
+            if action is None:
+                return StartRollback(ActionNotFound(name, role="in the sequence"))
+            members.append((action, run))
+        for name in self._sequence[self._next_step : end]:
+            action = setup.action(name)
+            if action is None:
+                return StartRollback(ActionNotFound(name, role="in the sequence"))
+            members.append((action, None))
+        return RunGroup(tuple(members))

@@ -3,7 +3,8 @@
 The forward drivers (blocking and asyncio) and the rollback driver execute what the
 engine decides; every outcome goes through `finish_run` / `fail_run`, which drop a
 run's second outcome (an abandoned compensator finishing late) and anything after the
-journal is sealed.
+journal is sealed. A parallel group runs through `_parallel.run_group`, on the event loop
+for both drivers (under `execute`, the private one).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ._attempts import Limits, attempt_async, attempt_blocking, late
 from ._codec import apply_fields
 from ._context import Context
 from ._dsl import Saga
-from ._engine import Compensate, Engine, Finish, RunStep, StartRollback
+from ._engine import Compensate, Finish, RunGroup, RunStep, StartRollback, engine_for
 from ._errors import (
     Abandoned,
     ActionNotFound,
@@ -57,6 +58,7 @@ from ._loops import (
     unwrap,
     wait_uncancellable,
 )
+from ._parallel import run_group
 from ._policies import DEFAULT_COMPENSATOR_RETRY, SystemClock
 
 if TYPE_CHECKING:
@@ -124,7 +126,7 @@ class Execution:
         self.event_bus = event_bus
         self.command_bus = command_bus
         self.compensate_timeout = compensate_timeout
-        self.engine = Engine(setup)
+        self.engine = engine_for(setup)
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._next_run = 0
@@ -491,6 +493,19 @@ class Execution:
             elif type(decision) is StartRollback:
                 self.append(RollbackStarted(decision.error))
                 return
+            elif type(decision) is RunGroup:
+                if self.stop_when is not None and self.stop_when.is_set():
+                    raise self.abandon()
+                try:
+                    # On the private loop: sync members in worker threads, async ones as
+                    # tasks; a failure stops none of them.
+                    self.block_on(run_group(self, decision, cancel_on_failure=False))
+                except Exception:
+                    raise  # the driver's own failure (a store's): it stops like a crash
+                except BaseException as interrupted:  # a KeyboardInterrupt, say
+                    # Every member has its outcome (run_group waited for them).
+                    self.append(RollbackStarted(interrupted))
+                    return
             else:
                 return
 
@@ -537,6 +552,15 @@ class Execution:
             elif type(decision) is StartRollback:
                 self.append(RollbackStarted(decision.error))
                 return
+            elif type(decision) is RunGroup:
+                if self.stop_when is not None and self.stop_when.is_set():
+                    raise await self.abandon_async()
+                try:
+                    await run_group(self, decision, cancel_on_failure=True)
+                except asyncio.CancelledError as cancelled:
+                    # Every member has its outcome (run_group waited for them).
+                    self.append(RollbackStarted(cancelled))
+                    return
             else:
                 return
 

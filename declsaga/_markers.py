@@ -71,11 +71,13 @@ class Marker:
     target: str | None = None
     retry: Retry | None = None  # checked by retry_problem
     timeout: float | None = None  # seconds, checked by seconds_problem
+    parallel: bool = False  # steps only: a member of the parallel group of its order
 
     def spelling(self) -> str:
         policies = {"retry": self.retry, "timeout": self.timeout}
         if self.kind == "step":
-            return spell("step", order=self.order, name=self.name, **policies)
+            parallel = True if self.parallel else None
+            return spell("step", order=self.order, name=self.name, parallel=parallel, **policies)
         if self.kind == "compensator":
             return spell("compensates", self.target, name=self.name, **policies)
         return spell("action", name=self.name)
@@ -169,11 +171,20 @@ def _unordered(fn: FunctionType) -> DefinitionError:
 
 @overload
 def step(
-    *, order: int, retry: Retry | None = None, timeout: float | None = None
+    *,
+    order: int,
+    parallel: bool = False,
+    retry: Retry | None = None,
+    timeout: float | None = None,
 ) -> Callable[[_M], _M]: ...
 @overload
 def step(
-    *, order: int, name: str, retry: Retry | None = None, timeout: float | None = None
+    *,
+    order: int,
+    name: str,
+    parallel: bool = False,
+    retry: Retry | None = None,
+    timeout: float | None = None,
 ) -> Callable[[_M], _M]: ...
 def step(
     positional: object = _MISSING,
@@ -181,18 +192,22 @@ def step(
     *,
     order: object = _MISSING,
     name: object = None,
+    parallel: object = False,
     retry: object = None,
     timeout: object = None,
 ) -> Any:
     """Mark a method as a step: `sequence()` is the steps sorted by `order`.
 
-    `name=` sets the action name (default: the method name); `retry=` (a `Retry`) runs
-    it again when it fails, `timeout=` (seconds) bounds each attempt. Returns the method
-    itself.
+    `name=` sets the action name (default: the method name); `parallel=True` makes the
+    step a member of a parallel group, all the steps of its order, which run together
+    (every step of that order must say so); `retry=` (a `Retry`) runs it again when it
+    fails, `timeout=` (seconds) bounds each attempt. Returns the method itself.
     """
     if _is_function_like(positional):  # bare @step
         raise _unordered(_function(positional, "@step"))
-    policies = {"retry": retry, "timeout": timeout}
+    # Shown as given in error messages, except the default.
+    options = {"parallel": None if parallel is False else parallel, "retry": retry}
+    policies = {**options, "timeout": timeout}
 
     def decorate(method: object) -> Any:
         fn = _function(method, spell("step", order=order, name=name, **policies))
@@ -214,9 +229,20 @@ def step(
                 f"write e.g. {spell('step', order=1)}",
             )
         checked_name = _check_name(fn, name)
+        if not isinstance(parallel, bool):
+            raise definition_error(
+                owner,
+                f"the parallel= of step {fn.__name__} must be True or False, got "
+                f"{describe(parallel)}",
+            )
         checked_retry, checked_timeout = _check_policies(fn, "step", retry, timeout)
         marker = Marker(
-            "step", checked_name, order=order, retry=checked_retry, timeout=checked_timeout
+            "step",
+            checked_name,
+            order=order,
+            retry=checked_retry,
+            timeout=checked_timeout,
+            parallel=parallel,
         )
         return _mark(fn, marker)
 

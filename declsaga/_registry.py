@@ -2,7 +2,9 @@
 
 A definition is a `Saga` subclass or a named `new()` setup. Its fingerprint covers what
 recovery depends on (the sequence, each action's compensator, the set of action names),
-not the code and not the fields.
+not the code and not the fields. A definition with parallel step groups adds them (a
+journal with several steps in flight relies on them); one without has the fingerprint it
+had before groups existed.
 """
 
 from __future__ import annotations
@@ -26,23 +28,32 @@ class Definition:
     sequence: tuple[str, ...]
     compensators: tuple[tuple[str, str], ...]  # sorted (action, compensator) pairs
     actions: tuple[str, ...]  # sorted
+    groups: tuple[tuple[str, ...], ...] = ()  # parallel step groups, in sequence order
 
     @classmethod
     def of(
-        cls, sequence: Iterable[str], compensators: Mapping[str, str], actions: Iterable[str]
+        cls,
+        sequence: Iterable[str],
+        compensators: Mapping[str, str],
+        actions: Iterable[str],
+        groups: Iterable[tuple[str, ...]] = (),
     ) -> Definition:
         return cls(
             tuple(sequence),
             tuple(sorted((name, comp) for name, comp in compensators.items() if comp)),
             tuple(sorted(actions)),
+            tuple(tuple(group) for group in groups),
         )
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        shape: dict[str, Any] = {
             "sequence": list(self.sequence),
             "compensators": dict(self.compensators),
             "actions": list(self.actions),
         }
+        if self.groups:  # absent without groups: such fingerprints stay what they were
+            shape["groups"] = [list(group) for group in self.groups]
+        return shape
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -64,6 +75,9 @@ class Definition:
             changes.append(f"actions removed: {', '.join(removed)}")
         if added := sorted(new_actions - old_actions):
             changes.append(f"actions added: {', '.join(added)}")
+        old_groups = [list(group) for group in stored.get("groups", [])]
+        if old_groups != now.get("groups", []):
+            changes.append(f"parallel groups {old_groups} became {now.get('groups', [])}")
         return "; ".join(changes) or "the stored definition is unreadable"
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol, cast, final, runtime_checkable
 
 import attrs
 
-from ._errors import ActionNotFound, EmptyActionName, UsageError, describe
+from ._errors import ActionNotFound, EmptyActionName, InvalidSetup, UsageError, describe
 from ._policies import ActionPolicy, Retry, retry_problem, seconds_problem
 from ._registry import Definition, register
 
@@ -23,6 +23,7 @@ __all__ = [
     "FunctionalSetup",
     "Setup",
     "check_setup",
+    "group_spans",
     "is_async_callable",
     "new",
     "validate",
@@ -115,6 +116,7 @@ class FunctionalSetup:
         "_actions",
         "_compensators",
         "_deadline",
+        "_groups",
         "_policies",
         "_sequence",
         "_valid",
@@ -131,16 +133,19 @@ class FunctionalSetup:
         *,
         policies: Mapping[str, ActionPolicy] | None = None,
         deadline: float | None = None,
+        groups: tuple[tuple[str, ...], ...] = (),
     ) -> None:
         self._actions = actions
         self._sequence = sequence
         self._compensators = compensators
         self._policies: Mapping[str, ActionPolicy] = MappingProxyType(dict(policies or {}))
         self._deadline = deadline
+        self._groups = groups
         self.name = name  # the registered name, for durable execution
         self._valid = False  # set by the first validate() that passes: it is immutable
-        # Policies are left out: they do not change what recovery relies on.
-        self.definition = Definition.of(sequence, compensators, actions)
+        # Policies are left out: they do not change what recovery relies on. Groups are
+        # in: a journal with several steps in flight needs them to be read back.
+        self.definition = Definition.of(sequence, compensators, actions, groups)
 
     def sequence(self) -> Sequence[str]:
         return self._sequence
@@ -165,8 +170,14 @@ class FunctionalSetup:
         """The saga's deadline in seconds, or None."""
         return self._deadline
 
+    def _declsaga_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The parallel step groups: each a run of consecutive names of the sequence."""
+        return self._groups
+
     def __repr__(self) -> str:
-        extra = f" policies={dict(self._policies)!r}" if self._policies else ""
+        extra = f" parallel={[list(group) for group in self._groups]!r}" if self._groups else ""
+        if self._policies:
+            extra += f" policies={dict(self._policies)!r}"
         if self._deadline is not None:
             extra += f" deadline={self._deadline!r}"
         return (
@@ -252,6 +263,91 @@ def _collect_policies(
     }
 
 
+def _collect_groups(parallel: object, sequence: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The parallel groups of `new()`, each in sequence order, sorted by their place."""
+    if parallel is None:
+        return ()
+    if isinstance(parallel, str | bytes) or not isinstance(parallel, Iterable):
+        raise UsageError(
+            "parallel must be a list of groups of action names, e.g. "
+            f"parallel=[('charge', 'reserve')], got {describe(parallel)}."
+        )
+    shown = list(sequence)
+    group_of: dict[str, tuple[str, ...]] = {}
+    spans: list[tuple[int, tuple[str, ...]]] = []
+    for given in parallel:
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise UsageError(
+                f"new() got the parallel group {given!r}; a group is a tuple of two or more "
+                "action names of the sequence, e.g. ('charge', 'reserve')."
+            )
+        group = tuple(_check_name(name, "A name in a parallel group") for name in given)
+        if len(group) < 2:
+            raise UsageError(
+                f"new() got the parallel group {group!r}; a group runs two or more actions "
+                "of the sequence together."
+            )
+        for name in group:
+            if group.count(name) > 1:
+                raise UsageError(
+                    f"new() got the parallel group {group!r}, which names {name!r} twice."
+                )
+            if name not in sequence:
+                raise UsageError(
+                    f"new() got the parallel group {group!r}, but {name!r} is not in the "
+                    f"sequence {shown!r}."
+                )
+            if sequence.count(name) > 1:
+                raise UsageError(
+                    f"new() got the parallel group {group!r}, but {name!r} appears more than "
+                    f"once in the sequence {shown!r}, so its place is ambiguous."
+                )
+            if (other := group_of.get(name)) is not None:
+                raise UsageError(
+                    f"new() got {name!r} in two parallel groups, {other!r} and {group!r}; "
+                    "an action belongs to one group at most."
+                )
+            group_of[name] = group
+        places = sorted(sequence.index(name) for name in group)
+        if places[-1] - places[0] != len(group) - 1:
+            raise UsageError(
+                f"new() got the parallel group {group!r}, whose names are not consecutive in "
+                f"the sequence {shown!r}; a group takes consecutive places of the sequence."
+            )
+        spans.append((places[0], tuple(sequence[place] for place in places)))
+    return tuple(group for _, group in sorted(spans))
+
+
+def group_spans(sequence: Sequence[str], groups: Iterable[Sequence[str]]) -> dict[int, int]:
+    """Where each parallel group sits in `sequence`: its first position -> the position
+    after its last. `InvalidSetup` for a group that is not two or more consecutive names
+    of the sequence, apart from the other groups (possible only in a hand-written setup:
+    `new()` and the DSL check theirs)."""
+    names = tuple(sequence)
+    spans: dict[int, int] = {}
+    taken: set[int] = set()
+    for given in groups:
+        group = tuple(given)
+        size = len(group)
+        start = next(
+            (
+                place
+                for place in range(len(names) - size + 1)
+                if names[place : place + size] == group
+                and taken.isdisjoint(range(place, place + size))
+            ),
+            None,
+        )
+        if size < 2 or start is None:
+            raise InvalidSetup(
+                f"The parallel group {list(group)!r} is not two or more consecutive names of "
+                f"the sequence {list(names)!r} outside the other groups."
+            )
+        spans[start] = start + size
+        taken.update(range(start, start + size))
+    return spans
+
+
 def new(
     actions: Mapping[str, ActionFn] | Iterable[Action],
     *,
@@ -262,13 +358,15 @@ def new(
     retries: Mapping[str, Retry] | None = None,
     timeouts: Mapping[str, float] | None = None,
     deadline: float | None = None,
+    parallel: Iterable[Iterable[str]] | None = None,
 ) -> Setup:
     """Build an immutable `Setup` by hand, with goes' sequence precedence.
 
     `name` registers the setup under that name, so that a durable executor can find it
     again after a crash. `retries` and `timeouts` (seconds) map action names to their
     policies; `deadline` (seconds) bounds the whole saga. Policies do not change the
-    setup's fingerprint.
+    setup's fingerprint. `parallel` lists groups of consecutive sequence names that run
+    together, e.g. `parallel=[("charge", "reserve")]`; groups are part of the fingerprint.
     """
     collected = _collect_actions(actions)
     explicit = _collect_sequence(sequence)
@@ -288,6 +386,7 @@ def new(
     policies = _collect_policies(collected, retries, timeouts)
     if deadline is not None and (problem := seconds_problem(deadline)) is not None:
         raise UsageError(f"new() got a deadline that {problem}.")
+    groups = _collect_groups(parallel, ordered)
     setup = FunctionalSetup(
         MappingProxyType(collected),
         ordered,
@@ -295,6 +394,7 @@ def new(
         name,
         policies=policies,
         deadline=deadline,
+        groups=groups,
     )
     if name is not None:
         fingerprint = setup.definition.fingerprint
@@ -368,3 +468,6 @@ def _validate(setup: Setup) -> None:
         compensator = setup.compensator(name)
         if compensator and setup.action(compensator) is None:
             raise ActionNotFound(compensator, role=f"the compensator of {name!r}")
+    groups_of = getattr(setup, "_declsaga_groups", None)
+    if groups_of is not None:
+        group_spans(setup.sequence(), groups_of())

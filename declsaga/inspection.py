@@ -9,7 +9,9 @@ for step in plan(PlaceOrder).steps:
 
 Each `ActionInfo.policy` (and `SagaPlan.policies`, by action name) holds the `retry=` and
 `timeout=` given to `@step` or `@compensates`; `SagaPlan.deadline` is the class's
-`deadline=`, its own or inherited.
+`deadline=`, its own or inherited. `SagaPlan.groups` lists the parallel groups (the
+steps of one order marked `parallel=True`, by name), and `ActionInfo.parallel` marks
+their members.
 
 `plan(cls)` returns the plan the class compiled to when its class statement ran (the
 same object every time), like `attrs.fields(cls)` for attrs classes.

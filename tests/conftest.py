@@ -80,7 +80,7 @@ def _new(
     return declsaga.new(actions, sequence=sequence, compensators=compensators)
 
 
-def _method(fn: ActionFn) -> Callable[..., Any]:
+def method_of(fn: ActionFn) -> Callable[..., Any]:
     """A method that delegates to `fn`, async exactly when `fn` is."""
     if inspect.iscoroutinefunction(fn):
 
@@ -108,7 +108,7 @@ def _dsl(
     assert len(undoes) == len(compensators), "the DSL gives each compensator one action"
     namespace: dict[str, Any] = {"__module__": __name__, "__qualname__": "Scripted"}
     for index, (name, fn) in enumerate(actions.items()):
-        method = _method(fn)
+        method = method_of(fn)
         if name in sequence:
             assert name not in undoes, "a DSL method is one step, compensator or action"
             marked = declsaga.step(order=sequence.index(name), name=name)(method)

@@ -349,3 +349,34 @@ def test_retry_and_resolve_from_another_process(
         saga = store.load(saga_id)
         assert saga is not None
         assert saga.status == ("compensated" if operation == "retry" else "resolved")
+
+
+def test_a_cancelled_saga_starts_no_member_of_a_parallel_group(store: Store) -> None:
+    ran: list[str] = []
+
+    def member(name: str) -> Any:
+        return lambda ctx: ran.append(name)
+
+    def a(ctx: Context) -> None:
+        ran.append("a")
+        assert operator.cancel(ctx.saga_id)  # an operator, while step a runs
+
+    setup = declsaga.new(
+        {"a": a, "undo-a": member("undo-a"), "b": member("b"), "c": member("c")},
+        sequence=["a", "b", "c"],
+        compensators={"a": "undo-a"},
+        parallel=[("b", "c")],
+        name=f"tests.operations.group.{next(COUNTER)}",
+    )
+    operator = Executor(store=store)
+    with pytest.raises(SagaCancelled):
+        Executor(store=store).execute(setup, saga_id="g-1")
+    assert ran == ["a", "undo-a"]  # the group's start was refused: neither b nor c ran
+    record = store.get("g-1")  # type: ignore[attr-defined]
+    assert record.status == "compensated"
+    assert sorted((run.action, type(run.error).__name__) for run in record.report.runs) == [
+        ("a", "NoneType"),
+        ("b", "SagaCancelled"),
+        ("c", "SagaCancelled"),
+        ("undo-a", "NoneType"),
+    ]

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from delegates import Delegate
 from workersagas import ENTERED, GATES, Flaky, Held, Transfer, read_effects
 
 from declsaga import Executor, SQLiteStore, StoreError, UsageError
-from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, Store, StoredSaga
+from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, Store
 from declsaga.worker import Worker
 
 TESTS = Path(__file__).parent
@@ -193,11 +194,11 @@ def test_a_worker_parks_a_saga_that_waits_for_a_retry(
     assert [line["phase"] for line in read_effects(effects)] == ["attempt 1", "attempt 2"]
 
 
-class FailingStore:
+class FailingStore(Delegate):
     """Delegates to a store, but its first `failures` calls of claim_next fail."""
 
     def __init__(self, inner: Store, failures: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.failures = failures
 
     def claim_next(self, limit: int) -> list[Claim]:
@@ -205,30 +206,6 @@ class FailingStore:
             self.failures -= 1
             raise StoreError("The database is down.")
         return self.inner.claim_next(limit)
-
-    def claim(self, saga_id: str) -> Claim | None:
-        return self.inner.claim(saga_id)
-
-    def release(self, claim: Claim) -> None:
-        self.inner.release(claim)
-
-    def append(self, claim: Claim, commit: Any) -> None:
-        self.inner.append(claim, commit)
-
-    def load(self, saga_id: str) -> StoredSaga | None:
-        return self.inner.load(saga_id)
-
-    def unfinished(self) -> list[str]:
-        return self.inner.unfinished()
-
-    def request_cancel(self, saga_id: str) -> bool:
-        return self.inner.request_cancel(saga_id)
-
-    def sagas(self, status: str | None = None) -> list[StoredSaga]:
-        return self.inner.sagas(status)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_a_failing_store_is_retried_with_backoff(
