@@ -1,40 +1,21 @@
-"""The public test kit: the behavioural suite that every store passes, and
-`CrashingStore`, which kills its process at a chosen commit for crash-recovery tests.
-
-Subclass `StoreConformance` in a test module and give it a `store` fixture; every test
-of the contract then runs against your store::
-
-    class TestMyStore(StoreConformance):
-        @pytest.fixture
-        def store(self, tmp_path: Path) -> Iterator[Store]:
-            with MyStore(tmp_path / "sagas") as store:
-                yield store
-
-A store whose objects share their data (a file, a server) subclasses
-`SharedStoreConformance` instead, and also gives a `second_store` fixture that opens
-another object on the same data.
-
-This module imports pytest, a test dependency: import it from tests only. Importing
-`declsaga` itself never imports it.
-"""
+"""The `Store` contract as tests: `StoreConformance`, and `SharedStoreConformance` for
+stores whose objects share their data."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import re
-import signal
 import threading
 import time
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
 from declsaga._errors import CancelRequested, StoreError
-from declsaga.stores._base import JSON, Claim, Commit, SagaHeader, Store, StoredSaga
+from declsaga.stores._base import JSON, Claim, Commit, SagaHeader, Store
 
-__all__ = ["CrashingStore", "FakeClock", "SharedStoreConformance", "StoreConformance"]
+__all__ = ["SharedStoreConformance", "StoreConformance"]
 
 
 def _header(saga_id: str) -> SagaHeader:
@@ -625,124 +606,3 @@ class SharedStoreConformance(StoreConformance):
         assert second_store.claim("s-1") is None
         store.close()
         assert second_store.claim("s-1") is not None
-
-
-# -- crash helpers: kill the process at a chosen commit ------------------------------------
-
-CrashWhen = Literal["before", "after"]
-
-
-class CrashingStore:
-    """A test utility: a `Store` that delegates everything to `store` and kills its own
-    process with SIGKILL at the `kill_at`-th call of `append` (counted from 0).
-
-    Every commit of a durable execution is one `append`, so the calls number the
-    transitions of a saga, and killing at each one in turn reaches every crash point.
-    `when="before"`: the process dies before the commit reaches the store, so it never
-    lands. `when="after"`: the commit has landed, but the process dies before acting on
-    it. Without `kill_at` the store only counts: `appends` tells how many commits an
-    uninterrupted execution makes, which is how many crash points it has.
-
-    SIGKILL cannot be caught: no `finally`, no atexit handler and no flush runs, exactly
-    as when the machine's OOM killer or an operator ends the process. Use it in a child
-    process; the parent sees the return code `-signal.SIGKILL`.
-    """
-
-    def __init__(
-        self, store: Store, *, kill_at: int | None = None, when: CrashWhen = "before"
-    ) -> None:
-        if kill_at is not None and (type(kill_at) is not int or kill_at < 0):
-            raise ValueError(f"kill_at must be None or an int >= 0, got {kill_at!r}.")
-        if when not in ("before", "after"):
-            raise ValueError(f"when must be 'before' or 'after', got {when!r}.")
-        self.store = store
-        self.kill_at = kill_at
-        self.when: CrashWhen = when
-        self._count = 0
-        self._count_lock = threading.Lock()  # commits may arrive from several threads
-
-    def __repr__(self) -> str:
-        return f"CrashingStore({self.store!r}, kill_at={self.kill_at!r}, when={self.when!r})"
-
-    @property
-    def appends(self) -> int:
-        """How many times `append` has been called so far."""
-        return self._count
-
-    def append(self, claim: Claim, commit: Commit) -> None:
-        with self._count_lock:
-            index = self._count
-            self._count += 1
-        kill = index == self.kill_at
-        if kill and self.when == "before":
-            _sigkill_self()
-        self.store.append(claim, commit)
-        if kill:
-            _sigkill_self()
-
-    def claim(self, saga_id: str) -> Claim | None:
-        return self.store.claim(saga_id)
-
-    def claim_next(self, limit: int) -> list[Claim]:
-        return self.store.claim_next(limit)
-
-    def request_cancel(self, saga_id: str) -> bool:
-        return self.store.request_cancel(saga_id)
-
-    def release(self, claim: Claim) -> None:
-        self.store.release(claim)
-
-    def load(self, saga_id: str) -> StoredSaga | None:
-        return self.store.load(saga_id)
-
-    def unfinished(self) -> list[str]:
-        return self.store.unfinished()
-
-    def sagas(self, status: str | None = None) -> list[StoredSaga]:
-        return self.store.sagas(status)
-
-    def close(self) -> None:
-        self.store.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything beyond the Store protocol (a store's reading methods, say) passes through.
-        if name == "store" or name.startswith("__"):  # not set yet (copy, pickle)
-            raise AttributeError(name)
-        return getattr(self.store, name)
-
-
-class FakeClock:
-    """A `declsaga.policies.Clock` whose time moves only when something sleeps on it:
-    retry schedules and deadlines are tested without waiting. `sleeps` lists every
-    sleep asked of it, in seconds, in order.
-
-    Pass it as `Executor(clock=FakeClock())`; actions can call `clock.sleep(seconds)` to
-    take time. Timeouts of running actions are not fake: they use real threads and tasks.
-    """
-
-    def __init__(self, start: float = 0.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"FakeClock(now={self.now!r})"
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
-
-    async def sleep_async(self, seconds: float) -> None:
-        self.sleep(seconds)
-        await asyncio.sleep(0)  # still a suspension point, as a real sleep is
-
-
-def _sigkill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-    # POSIX delivers an unblockable signal sent to the calling process before kill()
-    # returns; should it not, end with a different signal, so the test sees the mistake.
-    os.abort()
