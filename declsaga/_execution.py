@@ -1,17 +1,15 @@
-"""One execution of a setup: the journal it writes, and the drivers that act on the engine.
+"""One execution of a setup: its journal, how actions are called, its event loop.
 
-The forward drivers (blocking and asyncio) and the rollback driver execute what the
-engine decides; every outcome goes through `finish_run` / `fail_run`, which drop a
-run's second outcome (an abandoned compensator finishing late) and anything after the
-journal is sealed. A parallel group runs through `_parallel.run_group`, on the event loop
-for both drivers (under `execute`, the private one).
+The drivers (`_drivers`) act on what the engine decides through it; every outcome goes
+through `finish_run` / `fail_run`, which drop a run's second outcome (an abandoned
+compensator finishing late) and anything after the journal is sealed. Commits go to the
+durable log, if any, before the execution acts on what they record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Awaitable
@@ -21,17 +19,15 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _threads
-from ._attempts import Limits, attempt_async, attempt_blocking, late
+from ._attempts import Limits, late
 from ._codec import apply_fields
 from ._context import Context
 from ._dsl import Saga
-from ._engine import Compensate, Finish, RunGroup, RunStep, StartRollback, engine_for
+from ._engine import Finish, engine_for
 from ._errors import (
     Abandoned,
     ActionNotFound,
     CancelRequested,
-    CompensationTimeout,
-    DeadlineExceeded,
     Parked,
     SagaCancelled,
     SagaError,
@@ -40,7 +36,6 @@ from ._journal import (
     AttemptFailed,
     Record,
     Role,
-    RollbackStarted,
     RunFailed,
     RunStarted,
     RunSucceeded,
@@ -58,8 +53,7 @@ from ._loops import (
     unwrap,
     wait_uncancellable,
 )
-from ._parallel import run_group
-from ._policies import DEFAULT_COMPENSATOR_RETRY, SystemClock
+from ._policies import SystemClock
 
 if TYPE_CHECKING:
     from ._components import AggregateRepository, CommandBus, EventBus
@@ -459,200 +453,6 @@ class Execution:
             threading.Thread(
                 target=finish_loop, args=(loop,), name="declsaga-abandoned", daemon=True
             ).start()
-
-    # -- drivers ---------------------------------------------------------------------------
-
-    def forward_blocking(self) -> None:
-        """Run the sequence on the calling thread until it completes or a step fails."""
-        while True:
-            decision = self.engine.next()
-            if type(decision) is RunStep:
-                if self.stop_when is not None and self.stop_when.is_set():
-                    raise self.abandon()
-                action = decision.action
-                limits = self.limits
-                if limits.steps and (governed := self._governed(decision, limits)) is not False:
-                    if governed:
-                        run = self._step_run(decision)
-                        self.commit()
-                        if not self.stop_cancelled(run):
-                            attempt_blocking(self, action, run, limits)
-                    continue
-                run = self._step_run(decision)
-                self.commit()
-                if self.cancelled and self.stop_cancelled(run):
-                    continue
-                ctx = Context(self, action, run)
-                try:
-                    result = self.invoke_blocking(action, ctx)
-                except BaseException as error:
-                    self.fail_run(run, error)
-                else:
-                    self.finish_run(run, result)
-                ctx._closed = True
-            elif type(decision) is StartRollback:
-                self.append(RollbackStarted(decision.error))
-                return
-            elif type(decision) is RunGroup:
-                if self.stop_when is not None and self.stop_when.is_set():
-                    raise self.abandon()
-                try:
-                    # On the private loop: sync members in worker threads, async ones as
-                    # tasks; a failure stops none of them.
-                    self.block_on(run_group(self, decision, cancel_on_failure=False))
-                except Exception:
-                    raise  # the driver's own failure (a store's): it stops like a crash
-                except BaseException as interrupted:  # a KeyboardInterrupt, say
-                    # Every member has its outcome (run_group waited for them).
-                    self.append(RollbackStarted(interrupted))
-                    return
-            else:
-                return
-
-    async def forward_async(self) -> None:
-        """Run the sequence from the loop until it completes, a step fails, or it is cancelled."""
-        while True:
-            decision = self.engine.next()
-            if type(decision) is RunStep:
-                if self.stop_when is not None and self.stop_when.is_set():
-                    raise await self.abandon_async()
-                action = decision.action
-                limits = self.limits
-                if limits.steps and (governed := self._governed(decision, limits)) is not False:
-                    if governed:
-                        run = self._step_run(decision)
-                        try:
-                            await self.commit_async()
-                            if not self.stop_cancelled(run):
-                                await attempt_async(self, action, run, limits)
-                        except asyncio.CancelledError as cancelled:
-                            self.fail_run(run, cancelled)
-                            self.append(RollbackStarted(cancelled))
-                            return
-                    continue
-                run = self._step_run(decision)
-                ctx = Context(self, action, run)
-                try:
-                    # Inside the try: a cancellation while committing cancels the step.
-                    await self.commit_async()
-                    if self.cancelled and self.stop_cancelled(run):
-                        continue
-                    result = await self.invoke_async(action, ctx, abandonable=False)
-                except asyncio.CancelledError as cancelled:
-                    # Recorded only if the run has no real outcome yet (see invoke_async).
-                    self.fail_run(run, cancelled)
-                    self.append(RollbackStarted(cancelled))
-                    return
-                except BaseException as error:
-                    self.fail_run(run, error)
-                else:
-                    self.finish_run(run, result)
-                finally:
-                    ctx._closed = True
-            elif type(decision) is StartRollback:
-                self.append(RollbackStarted(decision.error))
-                return
-            elif type(decision) is RunGroup:
-                if self.stop_when is not None and self.stop_when.is_set():
-                    raise await self.abandon_async()
-                try:
-                    await run_group(self, decision, cancel_on_failure=True)
-                except asyncio.CancelledError as cancelled:
-                    # Every member has its outcome (run_group waited for them).
-                    self.append(RollbackStarted(cancelled))
-                    return
-            else:
-                return
-
-    def _governed(self, decision: RunStep, limits: Limits) -> bool | None:
-        """Whether this step runs under a policy or the deadline (the long path); None
-        if the deadline has passed: then the step does not start, the rollback does."""
-        if limits.past_deadline():
-            assert limits.deadline is not None
-            error = DeadlineExceeded(decision.action.name, limits.deadline)
-            if decision.run is None:
-                self.append(RollbackStarted(error))
-            else:  # in flight at a crash: it fails, and the engine starts the rollback
-                self.fail_run(decision.run, error)
-            return None
-        return limits.deadline_at is not None or limits.policy(decision.action.name) is not None
-
-    def _step_run(self, decision: RunStep) -> int:
-        """The run of a step: a new one, or one that executes again after a crash (from
-        the fields recorded when it first started)."""
-        if decision.run is None:
-            return self.start_run(decision.action.name, Role.STEP)
-        self.restore_fields(decision.run)
-        return decision.run
-
-    async def rollback(self) -> None:
-        """Compensate, newest first, within one time budget for all compensations."""
-        budget = self.compensate_timeout
-        while True:
-            decision = self.engine.next()
-            if type(decision) is not Compensate:
-                return
-            if self.stop_when is not None and self.stop_when.is_set():
-                raise await self.abandon_async()
-            action = decision.action
-            run = decision.run
-            if budget <= 0:
-                # Its turn came after the budget was spent: it does not start.
-                at = perf_counter()
-                if run is None:
-                    run = self.start_run(
-                        action.name, Role.COMPENSATION, target=decision.target, at=at
-                    )
-                self.fail_run(run, self._timeout(decision), at=at)
-                continue
-            if run is None:
-                run = self.start_run(action.name, Role.COMPENSATION, target=decision.target)
-            else:
-                self.restore_fields(run)
-            await self.commit_async()
-            begin = perf_counter()
-            contexts: list[Context] = []
-
-            def budget_left(left: float = budget, begin: float = begin) -> float:
-                return left - (perf_counter() - begin)
-
-            # Captured: a KeyboardInterrupt or SystemExit would otherwise escape the
-            # compensator's task and the event loop, leaving the saga unconcluded. Its
-            # attempts record the outcome; the budget may cut them short.
-            attempts = attempt_async(
-                self,
-                action,
-                run,
-                self.limits,
-                default=DEFAULT_COMPENSATOR_RETRY,
-                budget_left=budget_left,
-                abandonable=True,
-                contexts=contexts,
-            )
-            task = asyncio.ensure_future(captured(attempts))
-            done, _ = await asyncio.wait({task}, timeout=None if math.isinf(budget) else budget)
-            budget -= perf_counter() - begin
-            if not done:
-                if contexts:
-                    contexts[-1]._closed = True  # before the cancellation reaches it
-                task.cancel()
-                task.add_done_callback(consume)
-                self.fail_run(run, self._timeout(decision))
-                continue
-            succeeded, value = task.result()
-            if not succeeded:  # a failure of the driver itself (a store's, say)
-                raise cast(BaseException, value)
-
-    def _timeout(self, decision: Compensate) -> CompensationTimeout:
-        return CompensationTimeout(
-            decision.target_action, decision.action.name, self.compensate_timeout
-        )
-
-    def finish(self) -> Finish:
-        decision = self.engine.next()
-        assert type(decision) is Finish, decision
-        self.seal(decision)
-        return decision
 
 
 def _recorded(outcome: RunSucceeded | RunFailed) -> Any:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._attempts import Limits
 from ._concurrently import check_concurrency, each, each_async
+from ._drivers import finish, forward_async, forward_blocking, rollback
 from ._durable import identify
 from ._errors import CompensationFailed, SagaBusy, SagaError, StoreError, UsageError, describe
 from ._execution import Execution
@@ -255,22 +256,22 @@ class Executor:
 
     def _drive(self, execution: Execution) -> tuple[Report, BaseException | None]:
         try:
-            execution.forward_blocking()
+            forward_blocking(execution)
             if execution.engine.status is Status.COMPENSATING:
                 # Sync compensators run in worker threads so the budget can abandon them.
-                execution.block_on(execution.rollback())
-            decision = execution.finish()
+                execution.block_on(rollback(execution))
+            decision = finish(execution)
             execution.commit()
         finally:
             execution.close_private_loop()
         return self._conclude(execution, decision, None)
 
     async def _drive_async(self, execution: Execution) -> tuple[Report, BaseException | None]:
-        await execution.forward_async()
+        await forward_async(execution)
         late_cancel = None
         if execution.engine.status is Status.COMPENSATING:
-            late_cancel = await _shielded(execution.rollback())
-        decision = execution.finish()
+            late_cancel = await _shielded(rollback(execution))
+        decision = finish(execution)
         try:
             await execution.commit_async()
         except asyncio.CancelledError as cancelled:  # the commit itself was waited for
