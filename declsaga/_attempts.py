@@ -187,8 +187,8 @@ def attempt_blocking(
             delay = state.failed(error)
             if delay is None:
                 return
-            if execution.parks(delay):
-                raise execution.park(delay) from None
+            if execution.parks(delay) and (parked := execution.park(delay)) is not None:
+                raise parked from None
             execution.commit()  # the count survives a crash
             if execution.stop_cancelled(run):
                 return

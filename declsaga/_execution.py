@@ -268,12 +268,17 @@ class Execution:
         """Whether to park the saga for a retry `delay` rather than wait for it here."""
         return self.log is not None and self.park_after is not None and delay >= self.park_after
 
-    def park(self, delay: float) -> Parked:
+    def park(self, delay: float) -> Parked | None:
         """Commit what was recorded with the time the next attempt is due, and return
-        the error to raise, which stops the execution as a crash would."""
+        the error to raise, which stops the execution as a crash would. None if the
+        store refused the commit for a cancel: then the saga rolls back instead."""
         assert self.log is not None
         due = time.time() + delay
-        self.log.commit(self.engine.status, due=due)
+        try:
+            self.log.commit(self.engine.status, due=due)
+        except CancelRequested:
+            self.cancelled = True
+            return None
         return Parked(self.saga_id, due)
 
     def stop_cancelled(self, run: int) -> bool:

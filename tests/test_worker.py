@@ -22,7 +22,8 @@ import pytest
 from delegates import Delegate
 from workersagas import ENTERED, GATES, Flaky, Held, Transfer, read_effects
 
-from declsaga import Executor, SQLiteStore, StoreError, UsageError
+from declsaga import Context, Executor, Saga, SQLiteStore, StoreError, UsageError, compensates, step
+from declsaga.policies import Retry, SagaCancelled
 from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, Store
 from declsaga.worker import Worker
 
@@ -350,3 +351,42 @@ def test_the_command_line_refuses_bad_input(tmp_path: Path, args: list[str], mes
     )
     assert done.returncode == 2
     assert message in done.stderr
+
+
+OPERATOR: list[Executor] = []
+
+
+class CancelledWhileFlaky(Saga, name="tests.workers.CancelledWhileFlaky"):
+    """Its step is cancelled by an operator during its first attempt, which then fails:
+    the retry that would park the saga meets the cancel instead."""
+
+    undone: bool = False
+
+    @step(order=1)
+    def first(self, ctx: Context) -> None:
+        return None
+
+    @compensates("first")
+    def undo_first(self, ctx: Context) -> None:
+        self.undone = True
+
+    @step(order=2, retry=Retry(attempts=3, backoff=5.0, jitter=0, on=(ConnectionError,)))
+    def call(self, ctx: Context) -> None:
+        assert OPERATOR[0].cancel(ctx.saga_id)
+        raise ConnectionError("down")
+
+
+def test_a_cancel_met_while_parking_rolls_the_saga_back(store: Store) -> None:
+    executor = Executor(store=store)
+    OPERATOR[:] = [executor]
+    executor.submit(CancelledWhileFlaky(), saga_id="cp-1")
+    running = Running(Worker(executor, concurrency=1, poll_interval=0.05))
+    try:
+        with pytest.raises(SagaCancelled):
+            executor.wait("cp-1", timeout=10)
+    finally:
+        running.stop()
+    record = store.get("cp-1")  # type: ignore[attr-defined]
+    assert (record.status, record.fields["undone"]) == ("compensated", True)
+    kinds = [entry["kind"] for entry in record.journal]
+    assert kinds.count("attempt_failed") == 1  # recorded with the rollback, not parked
