@@ -22,6 +22,7 @@ import pytest
 from delegates import Delegate
 from workersagas import ENTERED, GATES, Flaky, Held, Transfer, read_effects
 
+import declsaga
 from declsaga import Context, Executor, Saga, SQLiteStore, StoreError, UsageError, compensates, step
 from declsaga.policies import Retry, SagaCancelled
 from declsaga.stores import Claim, Commit, MemoryStore, SagaHeader, Store
@@ -390,3 +391,35 @@ def test_a_cancel_met_while_parking_rolls_the_saga_back(store: Store) -> None:
     assert (record.status, record.fields["undone"]) == ("compensated", True)
     kinds = [entry["kind"] for entry in record.journal]
     assert kinds.count("attempt_failed") == 1  # recorded with the rollback, not parked
+
+
+def test_a_stopping_worker_leaves_a_saga_before_its_parallel_group(store: Store) -> None:
+    entered, gate = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def first(ctx: Context) -> None:
+        entered.set()
+        assert gate.wait(10)
+        ran.append("first")
+
+    setup = declsaga.new(
+        {"first": first, "b": lambda ctx: ran.append("b"), "c": lambda ctx: ran.append("c")},
+        sequence=["first", "b", "c"],
+        parallel=[("b", "c")],
+        name="tests.workers.group-boundary",
+    )
+    executor = Executor(store=store)
+    executor.submit(setup, saga_id="gb-1")
+    running = Running(Worker(executor, concurrency=1, poll_interval=0.01))
+    assert entered.wait(10)
+    running.worker.stop()
+    gate.set()
+    running.thread.join(10)
+    assert ran == ["first"]  # left at the boundary: the group did not start
+    saga = store.load("gb-1")
+    assert saga is not None and saga.status == "running"
+    started = [e["action"] for e in saga.entries if e.get("kind") == "run_started"]
+    assert started == ["first"]
+    [recovered] = executor.recover()  # another process takes it from there
+    assert recovered.status == "completed"
+    assert sorted(ran) == ["b", "c", "first"]
