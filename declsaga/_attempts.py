@@ -17,6 +17,7 @@ import asyncio
 import copy
 import logging
 import random
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from time import perf_counter
@@ -49,7 +50,7 @@ class Limits:
     clock: Clock
     deadline: float | None  # seconds, from the saga's first start
     deadline_at: float | None  # the clock's reading when it passes
-    policy_of: Any  # Callable[[str], ActionPolicy | None] | None
+    policy_of: Callable[[str], ActionPolicy | None] | None
     # Whether steps may need the long path (a policy or a deadline); compensations
     # always take it, for the default compensator retry.
     steps: bool = True
@@ -121,7 +122,7 @@ class _Run:
         limits: Limits,
         *,
         default: Retry | None,
-        budget_left: Any,
+        budget_left: Callable[[], float] | None,
         restore: bool = True,
     ) -> None:
         self.execution = execution
@@ -207,7 +208,7 @@ async def attempt_async(
     limits: Limits,
     *,
     default: Retry | None = None,
-    budget_left: Any = None,
+    budget_left: Callable[[], float] | None = None,
     abandonable: bool = False,
     contexts: list[Context] | None = None,
     restore: bool = True,

@@ -338,11 +338,8 @@ class DurableLog:
                 return
             try:
                 self.store.append(self.claim, commit)
-            except CancelRequested:
-                self._refused(commit)
-                raise
             except Exception as error:
-                self._broke(error)
+                self._not_landed(commit, error)
                 raise
             self._landed(commit, status)
 
@@ -368,20 +365,22 @@ class DurableLog:
                 # Raised only once the append succeeded (see SQLiteStore.append_async).
                 self._landed(commit, status)
                 raise
-            except CancelRequested:
-                self._refused(commit)
-                raise
             except Exception as error:
-                self._broke(error)
+                self._not_landed(commit, error)
                 raise
             self._landed(commit, status)
         finally:
             self._commit_lock.release()
 
-    def _refused(self, commit: Commit) -> None:
-        """A commit refused for a cancel: its entries go back in front of the pending."""
-        with self._pending_lock:
-            self._pending = [*commit.entries, *self._pending]
+    def _not_landed(self, commit: Commit, error: Exception) -> None:
+        """An append failed. Refused for a cancel, its entries go back in front of the
+        pending, for the commit that carries the rollback; any other failure breaks the
+        log (see `_broke`)."""
+        if isinstance(error, CancelRequested):
+            with self._pending_lock:
+                self._pending = [*commit.entries, *self._pending]
+            return
+        self._broke(error)
 
     def _landed(self, commit: Commit, status: Status) -> None:
         self._seq = commit.seq + 1

@@ -16,15 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
+from delegates import Crashing
 
 import declsaga
 from declsaga import CompensationFailed, Context, Executor, Saga, step
 from declsaga.policies import DeadlineExceeded, Retry, StepTimeout
-from declsaga.stores import Claim, Commit, Store
+from declsaga.stores import Store
 from declsaga.testing import FakeClock
 
 
@@ -332,24 +332,6 @@ def test_dsl_policies_run() -> None:
 # -- durable ----------------------------------------------------------------------------------
 
 
-class DiesAtCommit:
-    """A store that fails its `at`-th append, as if the process died there."""
-
-    def __init__(self, inner: Store, at: int) -> None:
-        self.inner = inner
-        self.at = at
-        self.appends = 0
-
-    def append(self, claim: Claim, commit: Commit) -> None:
-        self.appends += 1
-        if self.appends >= self.at:
-            raise declsaga.StoreError("the process died")
-        self.inner.append(claim, commit)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 ATTEMPTS: list[tuple[int, str]] = []
 
 
@@ -373,7 +355,7 @@ def test_attempts_are_journal_entries_and_a_crash_keeps_their_count(store: Store
     # Commits: 1 start, 2 reserve done + charge started, 3 attempt 1 failed, 4 attempt 2
     # failed: the process "dies" there, attempt 2's failure not recorded.
     with pytest.raises(declsaga.StoreError):
-        dying = Executor(store=DiesAtCommit(store, 4), clock=FakeClock())
+        dying = Executor(store=Crashing(store, 4), clock=FakeClock())
         dying.execute(FLAKY, saga_id="f-1")
     assert [attempt for attempt, _ in ATTEMPTS] == [1, 2]
     saga = store.load("f-1")
